@@ -1,0 +1,174 @@
+"""Configuration of the NeuroAda PEFT method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+SELECTIONS = ("magnitude", "smallest", "random")
+THETA_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+# Attention and MLP projections of the decoder architectures the paper and TRL users meet;
+# used when ``target_modules`` is left at None. Embeddings and lm_head are never defaults.
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **{
+        model_type: _LLAMA_LIKE
+        for model_type in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "cohere",
+            "deepseek_v2",
+            "deepseek_v3",
+            "smollm3",
+            "stablelm",
+        )
+    },
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+}
+
+
+@dataclass
+class NeuroAdaConfig(PeftConfig):
+    """Configuration for NeuroAda (Zhang et al., 2025): per-neuron top-k sparse bypass.
+
+    For every output neuron (row) of each targeted ``nn.Linear`` the ``top_k`` input
+    connections with the largest ``|W|`` are selected once, from the frozen weight, and a
+    zero-initialised trainable value is learned for each of them. Only ``sum(out * top_k)``
+    values train; the result merges exactly into the weight (``W[i, idx] += theta``).
+
+    Args:
+        top_k: Connections trained per output neuron. ``1`` is the paper's ~0.02% setting
+            (default); ``20`` is its higher-capacity ~0.4% setting.
+        target_modules: Module names (list: exact or suffix match; str: regex) to adapt.
+            ``None`` picks the attention and MLP projections of every layer for known
+            architectures; ``"all-linear"`` adapts every linear layer except the output head.
+        exclude_modules: Names (list) or regex (str) of modules never to adapt.
+        layers_to_transform: Only adapt these layer indices (with ``layers_pattern``).
+        layers_pattern: Name of the ``nn.ModuleList`` holding the layers, e.g. ``"layers"``.
+        selection: ``"magnitude"`` (paper): largest ``|W|`` per row; ``"smallest"``: the
+            smallest ``|W|`` per row (ablation); ``"random"``: uniform per row, seeded by
+            ``seed`` and the module name (ablation).
+        seed: Seed of the ``"random"`` selection; ignored otherwise.
+        theta_dtype: Dtype of the trainable values. ``"float32"`` by default, also on a bf16
+            base: sparse updates smaller than a bf16 ulp of the weight would otherwise vanish.
+        init_weights: ``True`` initialises theta to zero (the adapted model starts identical
+            to the base). ``False`` draws small random values (for tests and debugging).
+        modules_to_save: Extra modules trained in full and saved with the adapter.
+        trainable_token_indices: Token ids whose embedding rows train (written by TRL when it
+            adds tokens); a list, or a dict of embedding module name -> list.
+    """
+
+    top_k: int = field(
+        default=1,
+        metadata={"help": "Input connections trained per output neuron (1: ~0.02% params; 20: ~0.4%)."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names or regex to adapt; None: attention+MLP projections; 'all-linear' accepted."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the ModuleList of layers, used with layers_to_transform."}
+    )
+    selection: Literal["magnitude", "smallest", "random"] = field(
+        default="magnitude",
+        metadata={"help": "'magnitude' (paper): top-|W| per row; 'smallest' and seeded 'random' are ablations."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for selection='random'."})
+    theta_dtype: str = field(
+        default="float32", metadata={"help": "Dtype of the trainable values: float32 (default), bfloat16, ..."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Zero-initialise theta (True, paper) or draw small random values (False)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token ids whose embedding rows are trainable (set by TRL on added tokens)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..registration import ensure_peft_type
+
+        self.peft_type = ensure_peft_type("neuroada")
+        self._validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+    def _validate(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(
+                f"NeuroAdaConfig.top_k must be an integer >= 1 (connections per output neuron), got {self.top_k!r}."
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"NeuroAdaConfig.selection must be one of {SELECTIONS}, got {self.selection!r}. "
+                "'magnitude' is the paper's method."
+            )
+        if self.theta_dtype not in THETA_DTYPES:
+            raise ValueError(f"NeuroAdaConfig.theta_dtype must be one of {THETA_DTYPES}, got {self.theta_dtype!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"NeuroAdaConfig.seed must be an integer, got {self.seed!r}.")
+        if isinstance(self.target_modules, str) and self.target_modules.strip() == "":
+            raise ValueError("NeuroAdaConfig.target_modules is an empty string; use None for the default targets.")
+        if isinstance(self.target_modules, (list, set)) and not self.target_modules:
+            raise ValueError("NeuroAdaConfig.target_modules is empty: nothing would be adapted.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("NeuroAdaConfig.layers_pattern only makes sense together with layers_to_transform.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be combined with a regex target_modules string.")
+        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
+            raise ValueError("NeuroAdaConfig.modules_to_save must be a list of module names, not a string.")
+        if self.trainable_token_indices is not None and not isinstance(self.trainable_token_indices, (list, dict)):
+            raise ValueError(
+                "NeuroAdaConfig.trainable_token_indices must be a list of token ids or a dict "
+                f"{{embedding_module_name: [token ids]}}, got {type(self.trainable_token_indices).__name__}."
+            )
+
+    @property
+    def torch_theta_dtype(self):
+        """``theta_dtype`` as a ``torch.dtype``."""
+        import torch
+
+        return getattr(torch, self.theta_dtype)
+
+
+def peft_type() -> PeftType:
+    """The ``PeftType`` member of NeuroAda (added to PEFT's enum on first use)."""
+    from ..registration import ensure_peft_type
+
+    return ensure_peft_type("neuroada")

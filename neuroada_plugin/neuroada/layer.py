@@ -1,0 +1,245 @@
+"""NeuroAda tuner layer: a frozen ``nn.Linear`` plus per-neuron sparse trainable bypasses."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..errors import AdapterCheckpointError, MergeError
+from .config import NeuroAdaConfig
+from .functional import merged_entries, sparse_bypass
+from .selection import select_connections
+
+_PEFT_MODEL_PREFIX = "base_model.model."
+
+
+class NeuroAdaLayer(BaseTunerLayer):
+    """State and merge logic shared by NeuroAda layers.
+
+    Per adapter it holds ``neuroada_theta[name]`` (trainable, ``[out, k]``) and
+    ``neuroada_indices[name]`` (a persistent ``int64`` buffer ``[out, k]``: the input
+    connection of every value). Indices are saved with the adapter, so a loaded adapter
+    uses exactly the connections it was trained on.
+    """
+
+    adapter_layer_names = ("neuroada_theta",)
+    other_param_names = ("neuroada_indices",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.neuroada_theta = nn.ParameterDict({})
+        self.neuroada_indices = BufferDict({}, persistent=True)
+        # Original values of the entries each merged adapter overwrote: unmerge restores
+        # them bit for bit instead of subtracting theta (which rounds).
+        self._merge_backup: dict[str, torch.Tensor] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        weight = self.get_base_layer().weight
+        self.out_features, self.in_features = weight.shape
+
+    def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
+        """Add adapter ``adapter_name``: select ``config.top_k`` connections per row, zero theta."""
+        k = config.top_k
+        if k > self.in_features:
+            raise ValueError(
+                f"NeuroAda top_k={k} exceeds in_features={self.in_features} of layer {module_name or '?'} "
+                f"(weight shape {[self.out_features, self.in_features]}). Lower top_k or exclude this layer."
+            )
+        weight = self.get_base_layer().weight
+        theta = torch.zeros(self.out_features, k, dtype=config.torch_theta_dtype, device=weight.device)
+        if not config.init_weights:
+            generator = torch.Generator(device="cpu").manual_seed(config.seed + zlib.crc32(module_name.encode()))
+            theta = (0.02 * torch.randn(self.out_features, k, generator=generator)).to(theta)
+        self.neuroada_theta[adapter_name] = nn.Parameter(theta)
+
+        if self.neuroada_theta[adapter_name].is_meta or weight.is_meta:
+            # PEFT is loading a saved adapter with low_cpu_mem_usage=True: the file's
+            # indices will be assigned, so selection is not run at all.
+            indices = torch.empty(self.out_features, k, dtype=torch.int64, device="meta")
+        else:
+            indices = select_connections(weight, k, config.selection, seed=config.seed, salt=module_name)
+        self.neuroada_indices[adapter_name] = indices
+        self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move the adapter to the base layer's device without changing any dtype.
+
+        PEFT's default also casts to the base dtype; that would turn fp32 theta into bf16
+        and (peft <= 0.20) the integer indices into floats.
+        """
+        target = device if device is not None else self.get_base_layer().weight.device
+        if target.type == "meta":
+            return
+        for container in (self.neuroada_theta, self.neuroada_indices):
+            if adapter_name in container and not container[adapter_name].is_meta:
+                value = container[adapter_name]
+                if isinstance(value, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(value.to(target), requires_grad=value.requires_grad)
+                else:
+                    container[adapter_name] = value.to(target)
+
+    def _layer_name(self) -> str:
+        return getattr(self, "_neuroada_module_name", "") or type(self.get_base_layer()).__name__
+
+    def _checked_indices(self, adapter_name: str) -> torch.Tensor:
+        indices = self.neuroada_indices[adapter_name]
+        if indices.is_meta:
+            raise AdapterCheckpointError(
+                f"NeuroAda layer {self._layer_name()}: adapter {adapter_name!r} has no connection indices. The "
+                "adapter file was loaded with low_cpu_mem_usage=True but contains no 'neuroada_indices' entry "
+                "for this layer; re-save the adapter with neuroada_plugin."
+            )
+        return indices
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``[out, in]`` update of ``adapter_name`` (in theta's dtype).
+
+        Allocates a weight-sized tensor: meant for inspection and tests; merging and the
+        forward pass never call it.
+        """
+        theta = self.neuroada_theta[adapter_name]
+        indices = self._checked_indices(adapter_name)
+        delta = torch.zeros(self.out_features, self.in_features, dtype=theta.dtype, device=theta.device)
+        return delta.scatter_(1, indices.to(theta.device), theta.detach())
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write ``W[i, idx[i, j]] += theta[i, j]`` in place (O(out*k), no dense temporary).
+
+        The merged entries are checked for NaN/inf before anything is written (always,
+        ``safe_merge`` adds nothing), so a failing merge raises :class:`MergeError` and
+        leaves the weight untouched.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.neuroada_theta:
+                continue
+            indices = self._checked_indices(name).to(weight.device)
+            original = weight.data.gather(1, indices)
+            updated = merged_entries(original, self.neuroada_theta[name].detach().to(weight.device))
+            if not torch.isfinite(updated).all():
+                bad = (~torch.isfinite(updated)).sum().item()
+                raise MergeError(
+                    f"Merging NeuroAda adapter {name!r} into layer {self._layer_name()} would write {bad} "
+                    f"non-finite value(s) into a {weight.dtype} weight (theta has NaN/inf or overflows the "
+                    "dtype). Nothing was merged."
+                )
+            weight.data.scatter_(1, indices, updated)
+            self._merge_backup[name] = original
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo all merges, restoring the overwritten entries exactly (last merged first)."""
+        if not self.merged:
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.neuroada_theta:
+                continue
+            indices = self._checked_indices(name).to(weight.device)
+            original = self._merge_backup.pop(name, None)
+            if original is None:  # e.g. merged state restored from elsewhere: best effort
+                theta = self.neuroada_theta[name].detach().to(weight.device)
+                original = (weight.data.gather(1, indices).to(theta.dtype) - theta).to(weight.dtype)
+            weight.data.scatter_(1, indices, original.to(weight.dtype))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._merge_backup.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+
+class Linear(nn.Module, NeuroAdaLayer):
+    """NeuroAda around an ``nn.Linear``: ``y = base(x) + sum_j theta[:, j] * x[..., idx[:, j]]``.
+
+    The base layer's own forward is called, so its hooks (and wrappers that act through
+    them) keep working; the bypass never builds an ``[out, in]`` tensor.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
+        super().__init__()
+        NeuroAdaLayer.__init__(self, base_layer)
+        self._neuroada_module_name = module_name
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.neuroada_theta:
+                continue
+            delta = sparse_bypass(x, self.neuroada_theta[name], self._checked_indices(name))
+            result = result + delta.to(result.dtype)
+        return result
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Runs before the child ParameterDict/BufferDict load their entries: validate the
+        # whole layer first, so a bad file fails with the layer's name and both shapes.
+        self._validate_checkpoint_entries(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _validate_checkpoint_entries(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+        layer = prefix.removeprefix(_PEFT_MODEL_PREFIX).rstrip(".") or self._layer_name()
+        base_shape = [self.out_features, self.in_features]
+        index_prefix, theta_prefix = f"{prefix}neuroada_indices.", f"{prefix}neuroada_theta."
+        for key in [k for k in state_dict if k.startswith(index_prefix)]:
+            indices = state_dict[key]
+            if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+                raise AdapterCheckpointError(
+                    f"NeuroAda checkpoint entry {key!r} (layer {layer}) has dtype {indices.dtype}; connection "
+                    "indices must be integers. The file was corrupted or rewritten by a tool that cast every "
+                    "tensor to float; re-save the adapter from the trained model."
+                )
+            if indices.dim() != 2 or indices.shape[0] != self.out_features:
+                raise AdapterCheckpointError(
+                    f"NeuroAda adapter does not fit layer {layer}: the checkpoint's indices have shape "
+                    f"{list(indices.shape)} (expected [{self.out_features}, k]), but the base weight here has shape "
+                    f"{base_shape}. The adapter was trained on a different base model."
+                )
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.in_features):
+                raise AdapterCheckpointError(
+                    f"NeuroAda adapter does not fit layer {layer}: its connection indices span "
+                    f"[{int(indices.min())}, {int(indices.max())}] but the base weight here has shape {base_shape} "
+                    f"(valid input indices 0..{self.in_features - 1}). The adapter was trained on a different base "
+                    "model, or the file is corrupted."
+                )
+            state_dict[key] = indices.to(torch.int64)
+        for key in [k for k in state_dict if k.startswith(theta_prefix)]:
+            theta = state_dict[key]
+            name = key[len(theta_prefix) :]
+            expected = (
+                list(self.neuroada_theta[name].shape) if name in self.neuroada_theta else [self.out_features, None]
+            )
+            if theta.dim() != 2 or theta.shape[0] != self.out_features or (
+                expected[1] is not None and theta.shape[1] != expected[1]
+            ):
+                raise AdapterCheckpointError(
+                    f"NeuroAda adapter does not fit layer {layer}: the checkpoint's theta has shape "
+                    f"{list(theta.shape)}, this model expects {expected} for a base weight of shape {base_shape}. "
+                    "The adapter was trained on a different base model or with a different top_k."
+                )
+            if not theta.is_floating_point():
+                raise AdapterCheckpointError(
+                    f"NeuroAda checkpoint entry {key!r} (layer {layer}) has dtype {theta.dtype}; theta must be float."
+                )
+
+    def __repr__(self) -> str:
+        return "neuroada." + super().__repr__()

@@ -1,0 +1,93 @@
+"""NeuroAda tuner: finds the target linear layers and wraps them in :class:`~.layer.Linear`."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..errors import UnsupportedTargetError
+from .config import DEFAULT_TARGET_MODULES, NeuroAdaConfig
+from .layer import Linear, NeuroAdaLayer
+
+
+class NeuroAdaModel(BaseTuner):
+    """PEFT tuner for NeuroAda. Create it through ``peft.get_peft_model(model, NeuroAdaConfig())``.
+
+    Only ``torch.nn.Linear`` layers with a floating-point weight are adapted; GPT-2 style
+    ``Conv1D``, quantized layers (bitsandbytes, GPTQ, AWQ, ...) and other module types are
+    rejected with :class:`~neuroada_plugin.errors.UnsupportedTargetError` naming the module.
+    """
+
+    prefix: str = "neuroada_"
+    tuner_layer_cls = NeuroAdaLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _create_and_replace(
+        self,
+        peft_config: NeuroAdaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, NeuroAdaLayer):
+            target.update_layer(adapter_name, peft_config, module_name=current_key)
+            return
+        check_supported_target(target, current_key)
+        new_module = Linear(target, adapter_name, peft_config, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        # Adapter tensors live on the base layer's device (never on meta when it is real).
+        for name, module in new_module.named_modules():
+            if self.prefix in name and hasattr(module, "to"):
+                weight = getattr(child, "weight", None)
+                if weight is not None and not weight.is_meta:
+                    if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+                        continue
+                    module.to(weight.device)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Keep theta in ``config.theta_dtype``; PEFT's default would silently upcast bf16 to fp32."""
+
+    def _check_new_adapter_config(self, config: NeuroAdaConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if not isinstance(config, NeuroAdaConfig):
+            raise TypeError(f"NeuroAdaModel needs a NeuroAdaConfig, got {type(config).__name__}.")
+
+
+def check_supported_target(target: nn.Module, module_name: str) -> None:
+    """Raise :class:`UnsupportedTargetError` unless ``target`` is a plain float ``nn.Linear``."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    kind = type(base).__name__
+    weight = getattr(base, "weight", None)
+    quantized = (
+        hasattr(base, "quant_state")
+        or hasattr(base, "qweight")
+        or (weight is not None and type(weight).__name__ in {"Params4bit", "Int8Params"})
+        or (weight is not None and not weight.is_floating_point())
+        or getattr(base, "quant_method", None) is not None
+    )
+    if quantized:
+        raise UnsupportedTargetError(
+            f"NeuroAda cannot adapt {module_name} ({kind}): it is quantized. The sparse update needs an exact "
+            "floating-point weight to select from and merge into; load the base model unquantized (e.g. bf16)."
+        )
+    if kind == "Conv1D":
+        raise UnsupportedTargetError(
+            f"NeuroAda cannot adapt {module_name}: GPT-2 style Conv1D layers (weight stored [in, out]) are not "
+            "supported. Target torch.nn.Linear modules, or set exclude_modules to skip it."
+        )
+    if not isinstance(base, torch.nn.Linear):
+        raise UnsupportedTargetError(
+            f"NeuroAda cannot adapt {module_name} ({kind}): only torch.nn.Linear layers are supported. Adjust "
+            "target_modules (or exclude_modules) so it is not matched."
+        )
