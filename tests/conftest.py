@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub; converted offline models are cached inside the checkout.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("NEUROADA_CACHE", str(Path(__file__).resolve().parent.parent / ".cache"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import neuroada_plugin  # noqa: E402,F401  (registers NEUROADA with PEFT)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from neuroada_plugin.offline_models import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama (random weights, real SmolLM2 tokenizer); shared, treat as read-only."""
+    from tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
