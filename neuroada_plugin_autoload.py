@@ -28,6 +28,7 @@ class _LoaderWrapper(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        _uninstall()
         self._loader.exec_module(module)
         try:
             __import__(_PLUGIN)
@@ -39,13 +40,14 @@ class _LoaderWrapper(importlib.abc.Loader):
 
 
 class _PeftImportFinder(importlib.abc.MetaPathFinder):
-    """Fires once, on the first ``import peft``, then removes itself."""
+    """Fires once, when ``peft`` is first executed (not merely looked up), then removes itself."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != _TRIGGER:
             return None
-        _uninstall()
         for finder in sys.meta_path:
+            if isinstance(finder, _PeftImportFinder):
+                continue
             find_spec = getattr(finder, "find_spec", None)
             spec = find_spec(fullname, path, target) if find_spec else None
             if spec is not None:

@@ -50,9 +50,7 @@ def ensure_peft_type(name: str) -> PeftType:
     return member
 
 
-def register_method(
-    *, name: str, config_cls: type, model_cls: type, prefix: str | None = None
-) -> PeftType:
+def register_method(*, name: str, config_cls: type, model_cls: type, prefix: str | None = None) -> PeftType:
     """Register a tuner with PEFT under ``name`` (lower case); safe to call repeatedly.
 
     A repeated call with new classes (after ``importlib.reload``) points PEFT's mappings at

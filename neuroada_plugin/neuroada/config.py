@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -85,19 +85,17 @@ class NeuroAdaConfig(PeftConfig):
         default=1,
         metadata={"help": "Input connections trained per output neuron (1: ~0.02% params; 20: ~0.4%)."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
-        metadata={
-            "help": "Module names or regex to adapt; None: attention+MLP projections; 'all-linear' accepted."
-        },
+        metadata={"help": "Module names or regex to adapt; None: attention+MLP projections; 'all-linear' accepted."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex never to adapt."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt these layer indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the ModuleList of layers, used with layers_to_transform."}
     )
     selection: Literal["magnitude", "smallest", "random"] = field(
@@ -111,10 +109,10 @@ class NeuroAdaConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise theta (True, paper) or draw small random values (False)."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Token ids whose embedding rows are trainable (set by TRL on added tokens)."}
     )
 

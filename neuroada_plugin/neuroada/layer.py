@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -67,7 +67,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.neuroada_indices[adapter_name] = indices
         self.set_adapter(self.active_adapters)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move the adapter to the base layer's device without changing any dtype.
 
         PEFT's default also casts to the base dtype; that would turn fp32 theta into bf16
@@ -108,7 +108,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         delta = torch.zeros(self.out_features, self.in_features, dtype=theta.dtype, device=theta.device)
         return delta.scatter_(1, indices.to(theta.device), theta.detach())
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write ``W[i, idx[i, j]] += theta[i, j]`` in place (O(out*k), no dense temporary).
 
         The merged entries are checked for NaN/inf before anything is written (always,
@@ -116,25 +116,35 @@ class NeuroAdaLayer(BaseTunerLayer):
         leaves the weight untouched.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
         weight = self.get_base_layer().weight
         for name in adapter_names:
             if name not in self.neuroada_theta:
                 continue
-            indices = self._checked_indices(name).to(weight.device)
-            original = weight.data.gather(1, indices)
-            updated = merged_entries(original, self.neuroada_theta[name].detach().to(weight.device))
-            if not torch.isfinite(updated).all():
-                bad = (~torch.isfinite(updated)).sum().item()
-                raise MergeError(
-                    f"Merging NeuroAda adapter {name!r} into layer {self._layer_name()} would write {bad} "
-                    f"non-finite value(s) into a {weight.dtype} weight (theta has NaN/inf or overflows the "
-                    "dtype). Nothing was merged."
-                )
+            indices, original, updated = self._merge_plan(name)
             weight.data.scatter_(1, indices, updated)
             self._merge_backup[name] = original
             self.merged_adapters.append(name)
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise :class:`MergeError` if merging ``adapter_names`` would write NaN/inf; changes nothing."""
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.neuroada_theta and name not in self.merged_adapters:
+                self._merge_plan(name)
+
+    def _merge_plan(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices, current values and merged values of the entries adapter ``name`` touches."""
+        weight = self.get_base_layer().weight
+        indices = self._checked_indices(name).to(weight.device)
+        original = weight.data.gather(1, indices)
+        updated = merged_entries(original, self.neuroada_theta[name].detach().to(weight.device))
+        if not torch.isfinite(updated).all():
+            bad = (~torch.isfinite(updated)).sum().item()
+            raise MergeError(
+                f"Merging NeuroAda adapter {name!r} into layer {self._layer_name()} would write {bad} "
+                f"non-finite value(s) into a {weight.dtype} weight (theta has NaN/inf or overflows the "
+                "dtype). Nothing was merged."
+            )
+        return indices, original, updated
 
     def unmerge(self) -> None:
         """Undo all merges, restoring the overwritten entries exactly (last merged first)."""
@@ -228,8 +238,10 @@ class Linear(nn.Module, NeuroAdaLayer):
             expected = (
                 list(self.neuroada_theta[name].shape) if name in self.neuroada_theta else [self.out_features, None]
             )
-            if theta.dim() != 2 or theta.shape[0] != self.out_features or (
-                expected[1] is not None and theta.shape[1] != expected[1]
+            if (
+                theta.dim() != 2
+                or theta.shape[0] != self.out_features
+                or (expected[1] is not None and theta.shape[1] != expected[1])
             ):
                 raise AdapterCheckpointError(
                     f"NeuroAda adapter does not fit layer {layer}: the checkpoint's theta has shape "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
@@ -54,6 +56,47 @@ class NeuroAdaModel(BaseTuner):
                     if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
                         continue
                     module.to(weight.device)
+
+    def _prepare_model(self, peft_config: NeuroAdaConfig, model: nn.Module) -> None:
+        """Check every matched target before any is replaced, so a bad target changes nothing."""
+        problems = []
+        for key, module in model.named_modules():
+            if "neuroada_" in key or not self._check_target_module_exists(peft_config, key):
+                continue
+            try:
+                check_supported_target(module, key)
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                if peft_config.top_k > base.in_features:
+                    raise ValueError(
+                        f"top_k={peft_config.top_k} exceeds in_features={base.in_features} of layer {key} "
+                        f"(weight shape {list(base.weight.shape)}); lower top_k or exclude this layer."
+                    )
+            except (UnsupportedTargetError, ValueError) as error:
+                problems.append(error)
+        if problems:
+            listed = "\n  - ".join(str(p) for p in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            kind = (
+                UnsupportedTargetError if all(isinstance(p, UnsupportedTargetError) for p in problems) else ValueError
+            )
+            raise kind(
+                f"NeuroAda cannot adapt {len(problems)} targeted layer(s); nothing was changed:\n  - {listed}{more}"
+            )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge into the base weights; every layer is checked first, so a NaN/inf merge changes nothing."""
+        self._check_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any):
+        if merge:
+            self._check_merge(kwargs.get("adapter_names"))
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
+
+    def _check_merge(self, adapter_names: list[str] | None) -> None:
+        for module in self.model.modules():
+            if isinstance(module, NeuroAdaLayer) and not module.disable_adapters:
+                module.check_merge(adapter_names)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Keep theta in ``config.theta_dtype``; PEFT's default would silently upcast bf16 to fp32."""
