@@ -15,74 +15,135 @@ products and the sum over tokens of ``dL/dtheta`` are accumulated in fp32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-# Upper bound (elements) for the [tokens, out, chunk] temporaries; one connection column
-# (a [tokens, out] tensor, the size of the layer's output) is always allowed.
-_CHUNK_ELEMENTS = 1 << 24
+# Upper bound (elements) of each work buffer: a block of [rows, out, cols] (token rows x output
+# neurons x connection columns), 16 MiB in fp32. At least one row and one column whatever the
+# bound; the output and dL/dx themselves are the only tensors allowed to be larger.
+_CHUNK_ELEMENTS = 1 << 22
 
 
-def _gather_columns(x2d: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``x2d[:, columns]`` for ``columns`` of shape [out, c]: returns [tokens, out, c]."""
-    out_features, chunk = columns.shape
-    return x2d.index_select(1, columns.reshape(-1)).view(x2d.shape[0], out_features, chunk)
+def _blocks(tokens: int, out_features: int, k: int) -> tuple[int, int]:
+    """(rows, cols) of a work block: all columns at once when tokens are few, else slabs of rows.
+
+    Few ops per call matter as much as few bytes: a per-column loop at k=20 launches ~100
+    small kernels per layer (slow on a GPU and on a contended CPU).
+    """
+    rows = max(1, min(tokens, _CHUNK_ELEMENTS // max(1, out_features)))
+    cols = max(1, min(k, _CHUNK_ELEMENTS // max(1, rows * out_features)))
+    return rows, cols
+
+
+def _column_blocks(indices: torch.Tensor, cols: int) -> list[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, flat_indices)`` per block of connection columns (``flat`` is [out * width])."""
+    k = indices.shape[1]
+    return [(c0, min(k, c0 + cols), indices[:, c0 : c0 + cols].reshape(-1)) for c0 in range(0, k, cols)]
 
 
 class SparseBypass(torch.autograd.Function):
-    """Autograd function for the NeuroAda bypass; see the module docstring for the math."""
+    """Autograd function for the NeuroAda bypass; see the module docstring for the math.
+
+    The op is bound by fresh allocations more than by arithmetic (on CPU every large new
+    tensor page-faults on first touch). Work runs in blocks of ``[rows, out, cols]`` through at most two reused buffers of
+    ``_CHUNK_ELEMENTS``; everything else is in place. On CPU every fresh large tensor is an
+    mmap that page-faults on first touch (~10x the cost of an in-place pass over it), so the
+    number of allocations, not the arithmetic, sets the speed of this op.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         out_features, k = indices.shape
         compute_dtype = torch.promote_types(x.dtype, theta.dtype)
         x2d = x.reshape(-1, x.shape[-1])
+        tokens = x2d.shape[0]
         theta_c = theta.to(compute_dtype)
-        delta = torch.zeros(x2d.shape[0], out_features, dtype=compute_dtype, device=x.device)
-        step = _step(x2d, out_features, k)
-        for start in range(0, k, step):
-            stop = min(k, start + step)
-            cols = indices[:, start:stop]
-            gathered = _gather_columns(x2d, cols).to(compute_dtype)
-            delta += (gathered * theta_c[:, start:stop]).sum(-1)
-            del gathered
+        rows, cols = _blocks(tokens, out_features, k)
+        delta = torch.empty(tokens, out_features, dtype=compute_dtype, device=x.device)
+        buffer = converted = None
+        for start in range(0, tokens, rows):
+            stop = min(tokens, start + rows)
+            n = stop - start
+            x_block, delta_block = x2d[start:stop], delta[start:stop]
+            for c0, c1, flat in _column_blocks(indices, cols):
+                width = c1 - c0
+                if width == 1 and c0 == 0 and x.dtype == compute_dtype:
+                    # First (for k=1 the only) column: gather straight into the output rows.
+                    torch.index_select(x_block, 1, flat, out=delta_block)
+                    delta_block.mul_(theta_c[:, 0])
+                    continue
+                if buffer is None:
+                    buffer = torch.empty(rows * out_features * cols, dtype=x.dtype, device=x.device)
+                gathered = buffer[: n * out_features * width].view(n, out_features * width)
+                torch.index_select(x_block, 1, flat, out=gathered)
+                if width == 1:
+                    if c0 == 0:
+                        torch.mul(gathered, theta_c[:, 0], out=delta_block)  # promotes, e.g. bf16 -> fp32
+                    else:
+                        delta_block.addcmul_(gathered, theta_c[:, c0])
+                    continue
+                block = gathered.view(n, out_features, width)
+                if block.dtype != compute_dtype:
+                    if converted is None:
+                        converted = torch.empty(buffer.numel(), dtype=compute_dtype, device=x.device)
+                    block = converted[: block.numel()].view_as(block).copy_(block)
+                block.mul_(theta_c[:, c0:c1])
+                if c0 == 0:
+                    torch.sum(block, -1, out=delta_block)
+                else:
+                    delta_block.add_(block.sum(-1))
         ctx.save_for_backward(x, theta, indices)
         return delta.view(*x.shape[:-1], out_features)
 
     @staticmethod
-    def backward(ctx, grad_delta: torch.Tensor):
+    def backward(ctx: Any, grad_delta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, theta, indices = ctx.saved_tensors
         out_features, k = indices.shape
         compute_dtype = torch.promote_types(x.dtype, theta.dtype)
         x2d = x.reshape(-1, x.shape[-1])
-        g = grad_delta.reshape(-1, out_features).to(compute_dtype)
+        tokens = x2d.shape[0]
+        g = grad_delta.reshape(tokens, out_features).to(compute_dtype)
         want_x, want_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-
-        grad_theta = torch.empty(out_features, k, dtype=compute_dtype, device=x.device) if want_theta else None
-        grad_x = torch.zeros(x2d.shape, dtype=compute_dtype, device=x.device) if want_x else None
         theta_c = theta.to(compute_dtype)
-        step = _step(x2d, out_features, k)
-        for start in range(0, k, step):
-            stop = min(k, start + step)
-            cols = indices[:, start:stop]
-            if want_theta:
-                gathered = _gather_columns(x2d, cols).to(compute_dtype)
-                grad_theta[:, start:stop] = (gathered * g.unsqueeze(-1)).sum(0)
-                del gathered
-            if want_x:
-                contribution = g.unsqueeze(-1) * theta_c[:, start:stop]
-                grad_x.index_add_(1, cols.reshape(-1), contribution.view(x2d.shape[0], -1))
-                del contribution
+        rows, cols = _blocks(tokens, out_features, k)
 
+        grad_theta = torch.zeros(out_features, k, dtype=compute_dtype, device=x.device) if want_theta else None
+        # Allocated in x's own shape and returned as is (not as a view of a 2-D tensor): autograd
+        # can then add the frozen path's dL/dx into it in place instead of allocating a third
+        # [tokens, in] tensor (in-place accumulation needs the sole owner of a storage).
+        grad_x = torch.zeros(x.shape, dtype=compute_dtype, device=x.device) if want_x else None
+        grad_x2d = grad_x.view(tokens, -1) if grad_x is not None else None
+        work = torch.empty(rows * out_features * cols, dtype=compute_dtype, device=x.device)
+        same_dtype = x.dtype == compute_dtype
+        gather_buffer = work if same_dtype or not want_theta else torch.empty_like(work, dtype=x.dtype)
+        for start in range(0, tokens, rows):
+            stop = min(tokens, start + rows)
+            n = stop - start
+            x_block, g_block = x2d[start:stop], g[start:stop].unsqueeze(-1)
+            for c0, c1, flat in _column_blocks(indices, cols):
+                size = n * out_features * (c1 - c0)
+                block = work[:size].view(n, out_features, c1 - c0)
+                if want_theta:
+                    # dL/dtheta[i, j] = sum_t g[t, i] * x[t, idx[i, j]], accumulated in compute dtype
+                    gathered = gather_buffer[:size].view(n, -1)
+                    torch.index_select(x_block, 1, flat, out=gathered)
+                    if same_dtype:
+                        block.mul_(g_block)
+                    else:
+                        torch.mul(gathered.view_as(block), g_block, out=block)
+                    grad_theta[:, c0:c1] += block.sum(0)
+                if want_x:
+                    # dL/dx[t, idx[i, j]] += g[t, i] * theta[i, j]
+                    torch.mul(g_block, theta_c[:, c0:c1], out=block)
+                    grad_x2d[start:stop].index_add_(1, flat, block.view(n, -1))
+
+        del grad_x2d
         if grad_x is not None:
-            grad_x = grad_x.view(x.shape).to(x.dtype)
+            grad_x = grad_x.to(x.dtype)
         if grad_theta is not None:
             grad_theta = grad_theta.to(theta.dtype)
         return grad_x, grad_theta, None
-
-
-def _step(x2d: torch.Tensor, out_features: int, k: int) -> int:
-    per_column = max(1, x2d.shape[0] * out_features)
-    return max(1, min(k, _CHUNK_ELEMENTS // per_column))
 
 
 def sparse_bypass(x: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
