@@ -10,10 +10,11 @@ the same questions:
   seeded hash of its text. The assignment of a question never depends on which other sources
   are loaded or how many questions a run uses, and duplicated questions always land in the
   same split, so held-out accuracy is never measured on anything a run trained on.
-* One prompt format (:func:`prompt_text`) and one answer format (:func:`answer_text`,
-  ``"B. bookstore"``) are used by every consumer: SFT rows, constructed DPO pairs, GRPO prompts
-  and their reward, the Axolotl JSONL export, and the log-likelihood evaluation, which scores
-  each option exactly as the SFT target that training optimises.
+* A :class:`PromptFormat` (:data:`CLOZE`: question -> ``"bookstore"``; :data:`LETTERED`:
+  question + lettered options -> ``"B. bookstore"``) is shared by every consumer: SFT rows,
+  constructed DPO pairs, GRPO prompts and their reward, the Axolotl JSONL export, and the
+  log-likelihood evaluation, which scores each option exactly as the SFT target that training
+  optimises.
 * :func:`evaluate_multiple_choice` scores all options of a batch of questions with one pass over
   the shared chat-template prefix, one over the prompts and one over the candidate answers
   (key/value cache reuse), so a few hundred questions take well under a minute on a CPU for a
@@ -253,28 +254,59 @@ def make_splits(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the user turn and an option becomes the assistant's answer.
+
+    One format object is passed to every consumer of a run (SFT rows, DPO pairs, GRPO prompts,
+    Axolotl export, evaluation), so training and scoring always agree.
+
+    * ``show_options=False`` (:data:`CLOZE`, the default): the user turn is the question (after
+      its passage, if any) and the answer is the option's text, ``"bookstore"``. Small models
+      carry real signal in this form (SmolLM2-135M: PIQA ~0.68 zero-shot).
+    * ``show_options=True`` (:data:`LETTERED`): the user turn lists ``"A. ..."`` options and ends
+      with :data:`INSTRUCTION`; the answer is ``"B. bookstore"``. Needed when the model must
+      *name* an option (GRPO's verifiable reward); models below ~1B parameters are near chance
+      at binding letters to options.
+    """
+
+    show_options: bool = False
+
+    def prompt_text(self, q: MCQuestion) -> str:
+        lines = [q.passage, ""] if q.passage else []
+        lines.append(q.question)
+        if self.show_options:
+            lines.extend(option_line(q, i) for i in range(len(q.options)))
+            lines.append(INSTRUCTION)
+        return "\n".join(lines)
+
+    def answer_text(self, q: MCQuestion, i: int | None = None) -> str:
+        i = q.label if i is None else i
+        return option_line(q, i) if self.show_options else q.options[i]
+
+
+CLOZE = PromptFormat(show_options=False)
+LETTERED = PromptFormat(show_options=True)
+
+
 def option_line(q: MCQuestion, i: int) -> str:
-    """``"B. bookstore"``: how option ``i`` is listed in the prompt and written as an answer."""
+    """``"B. bookstore"``: how option ``i`` is listed in a lettered prompt and answered."""
     return f"{LETTERS[i]}. {q.options[i]}"
 
 
-def prompt_text(q: MCQuestion) -> str:
-    """The user turn: optional passage, question, lettered options, :data:`INSTRUCTION`."""
-    lines = [q.passage, ""] if q.passage else []
-    lines.append(q.question)
-    lines.extend(option_line(q, i) for i in range(len(q.options)))
-    lines.append(INSTRUCTION)
-    return "\n".join(lines)
+def prompt_text(q: MCQuestion, fmt: PromptFormat = CLOZE) -> str:
+    """The user turn of ``q`` in format ``fmt``."""
+    return fmt.prompt_text(q)
 
 
-def answer_text(q: MCQuestion, i: int | None = None) -> str:
-    """The assistant turn for option ``i`` (default: the correct one), e.g. ``"B. bookstore"``."""
-    return option_line(q, q.label if i is None else i)
+def answer_text(q: MCQuestion, i: int | None = None, fmt: PromptFormat = CLOZE) -> str:
+    """The assistant turn for option ``i`` (default: the correct one) in format ``fmt``."""
+    return fmt.answer_text(q, i)
 
 
-def prompt_messages(q: MCQuestion) -> list[dict[str, str]]:
+def prompt_messages(q: MCQuestion, fmt: PromptFormat = CLOZE) -> list[dict[str, str]]:
     """The prompt as a conversation (one user message), for TRL's conversational formats."""
-    return [{"role": "user", "content": prompt_text(q)}]
+    return [{"role": "user", "content": fmt.prompt_text(q)}]
 
 
 def _assistant(content: str) -> list[dict[str, str]]:
@@ -292,12 +324,12 @@ def wrong_option(q: MCQuestion, seed: int = 0) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sft_rows(questions: Iterable[MCQuestion]) -> list[dict[str, Any]]:
+def sft_rows(questions: Iterable[MCQuestion], fmt: PromptFormat = CLOZE) -> list[dict[str, Any]]:
     """Conversational prompt-completion rows for ``SFTTrainer`` (loss on the answer only)."""
-    return [{"prompt": prompt_messages(q), "completion": _assistant(answer_text(q))} for q in questions]
+    return [{"prompt": prompt_messages(q, fmt), "completion": _assistant(fmt.answer_text(q))} for q in questions]
 
 
-def dpo_rows(questions: Iterable[MCQuestion], seed: int = 0) -> list[dict[str, Any]]:
+def dpo_rows(questions: Iterable[MCQuestion], fmt: PromptFormat = CLOZE, *, seed: int = 0) -> list[dict[str, Any]]:
     """Constructed preference pairs for ``DPOTrainer``: the correct option chosen, one wrong option rejected.
 
     These are not human preferences: the pair is built from the answer key, with the wrong
@@ -305,18 +337,22 @@ def dpo_rows(questions: Iterable[MCQuestion], seed: int = 0) -> list[dict[str, A
     """
     return [
         {
-            "prompt": prompt_messages(q),
-            "chosen": _assistant(answer_text(q)),
-            "rejected": _assistant(answer_text(q, wrong_option(q, seed))),
+            "prompt": prompt_messages(q, fmt),
+            "chosen": _assistant(fmt.answer_text(q)),
+            "rejected": _assistant(fmt.answer_text(q, wrong_option(q, seed))),
         }
         for q in questions
     ]
 
 
-def grpo_rows(questions: Iterable[MCQuestion]) -> list[dict[str, Any]]:
-    """Conversational prompts for ``GRPOTrainer``; the extra columns feed :func:`option_reward`."""
+def grpo_rows(questions: Iterable[MCQuestion], fmt: PromptFormat = LETTERED) -> list[dict[str, Any]]:
+    """Conversational prompts for ``GRPOTrainer``; the extra columns feed :func:`option_reward`.
+
+    Defaults to :data:`LETTERED`: a sampled answer can only name an option the prompt shows.
+    """
     return [
-        {"prompt": prompt_messages(q), "answer_letter": q.answer_letter, "options": list(q.options)} for q in questions
+        {"prompt": prompt_messages(q, fmt), "answer_letter": q.answer_letter, "options": list(q.options)}
+        for q in questions
     ]
 
 
@@ -379,36 +415,47 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path
     return path
 
 
-def alpaca_rows(questions: Iterable[MCQuestion]) -> list[dict[str, str]]:
+def alpaca_rows(questions: Iterable[MCQuestion], fmt: PromptFormat = CLOZE) -> list[dict[str, str]]:
     """Alpaca-style rows ``{"instruction", "input", "output"}`` (Axolotl ``type: alpaca``).
 
-    ``instruction`` is the full user prompt of :func:`prompt_text` and ``input`` is empty, so a
-    chat-templated Axolotl run sees the same text as the TRL examples.
+    ``instruction`` is the full user turn and ``input`` is empty, so a chat-templated Axolotl
+    run sees the same text as the TRL examples.
     """
-    return [{"instruction": prompt_text(q), "input": "", "output": answer_text(q)} for q in questions]
+    return [{"instruction": fmt.prompt_text(q), "input": "", "output": fmt.answer_text(q)} for q in questions]
 
 
-def preference_rows(questions: Iterable[MCQuestion], seed: int = 0) -> list[dict[str, str]]:
+def preference_rows(
+    questions: Iterable[MCQuestion], fmt: PromptFormat = CLOZE, *, seed: int = 0
+) -> list[dict[str, str]]:
     """Flat constructed preference rows ``{"prompt", "chosen", "rejected"}`` (strings, not messages).
 
     The same pairs as :func:`dpo_rows`; Axolotl reads this layout with ``type: chatml.prompt_pairs``
     (or ``llama3.prompt_pairs``), and TRL accepts it as its standard preference format.
     """
     return [
-        {"prompt": prompt_text(q), "chosen": answer_text(q), "rejected": answer_text(q, wrong_option(q, seed))}
+        {
+            "prompt": fmt.prompt_text(q),
+            "chosen": fmt.answer_text(q),
+            "rejected": fmt.answer_text(q, wrong_option(q, seed)),
+        }
         for q in questions
     ]
 
 
 def export_jsonl(
-    questions: Iterable[MCQuestion], out_dir: str | os.PathLike, name: str, seed: int = 0
+    questions: Iterable[MCQuestion],
+    out_dir: str | os.PathLike,
+    name: str,
+    fmt: PromptFormat = CLOZE,
+    *,
+    seed: int = 0,
 ) -> dict[str, Path]:
     """Write ``{name}.alpaca.jsonl`` and ``{name}.dpo.jsonl`` under ``out_dir``; returns both paths."""
     questions = list(questions)
     out_dir = Path(out_dir)
     return {
-        "alpaca": write_jsonl(alpaca_rows(questions), out_dir / f"{name}.alpaca.jsonl"),
-        "dpo": write_jsonl(preference_rows(questions, seed), out_dir / f"{name}.dpo.jsonl"),
+        "alpaca": write_jsonl(alpaca_rows(questions, fmt), out_dir / f"{name}.alpaca.jsonl"),
+        "dpo": write_jsonl(preference_rows(questions, fmt, seed=seed), out_dir / f"{name}.dpo.jsonl"),
     }
 
 
@@ -499,23 +546,23 @@ class _Encoded:
     candidates: list[list[int]]
 
 
-def encode_question(tokenizer: Any, q: MCQuestion) -> tuple[list[int], list[list[int]]]:
+def encode_question(tokenizer: Any, q: MCQuestion, fmt: PromptFormat = CLOZE) -> tuple[list[int], list[list[int]]]:
     """Token ids of the prompt and of every candidate answer, exactly as TRL's SFT tokenises them.
 
     The prompt is the chat template applied with the generation prompt; candidate ``j`` is
-    what the template adds after it for the assistant answer ``answer_text(q, j)`` (including the
-    end-of-turn tokens), i.e. the completion tokens that SFT puts the loss on.
+    what the template adds after it for the assistant answer ``fmt.answer_text(q, j)`` (including
+    the end-of-turn tokens), i.e. the completion tokens that SFT puts the loss on.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "The tokenizer has no chat template; the commonsense prompts are conversations. Use an instruct "
             "model's tokenizer, or set tokenizer.chat_template (TRL's clone_chat_template can add one)."
         )
-    messages = prompt_messages(q)
+    messages = prompt_messages(q, fmt)
     prompt = _render(tokenizer, messages, add_generation_prompt=True)
     candidates = []
     for j in range(len(q.options)):
-        full = _render(tokenizer, messages + _assistant(answer_text(q, j)), add_generation_prompt=False)
+        full = _render(tokenizer, messages + _assistant(fmt.answer_text(q, j)), add_generation_prompt=False)
         start = _common_prefix_length(prompt, full)
         if start < len(prompt) or start == len(full):
             raise ValueError(
@@ -535,14 +582,17 @@ def evaluate_multiple_choice(
     model: Any,
     tokenizer: Any,
     questions: Sequence[MCQuestion],
+    *,
+    fmt: PromptFormat = CLOZE,
     batch_size: int = 16,
     length_normalize: bool = False,
 ) -> MCEvaluation:
     """Multiple-choice accuracy by log-likelihood: the option whose answer the model finds most likely wins.
 
-    For each question, every option's assistant answer (``"B. bookstore"`` plus end-of-turn, see
-    :func:`encode_question`) is scored by the sum of its token log-probabilities given the chat
-    prompt (the mean per token with ``length_normalize``). This is the quantity SFT optimises,
+    For each question, every option's assistant answer in format ``fmt`` (``"bookstore"`` or
+    ``"B. bookstore"``, plus end-of-turn, see :func:`encode_question`) is scored by the sum of
+    its token log-probabilities given the chat prompt (the mean per token with
+    ``length_normalize``). This is the quantity SFT optimises,
     so before/after numbers measure what training changed, with no generation or answer parsing.
 
     Cost: the chat-template prefix shared by all prompts (system message etc.) is encoded once;
@@ -556,7 +606,7 @@ def evaluate_multiple_choice(
         raise ValueError("evaluate_multiple_choice got no questions.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    encoded = [_Encoded(*encode_question(tokenizer, q)) for q in questions]
+    encoded = [_Encoded(*encode_question(tokenizer, q, fmt)) for q in questions]
     device = next(model.parameters()).device
     accepts = _forward_kwargs(model)
     keep_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}

@@ -39,6 +39,13 @@ class CommonsenseArguments:
         default="csqa",
         metadata={"help": f"Comma-separated commonsense sets: {', '.join(commonsense.SOURCES)}, or all."},
     )
+    show_options: bool = field(
+        default=False,
+        metadata={
+            "help": "Prompt format: False = cloze (question -> option text); True = lettered options -> "
+            "'B. text'. See neuroada_plugin.commonsense.PromptFormat."
+        },
+    )
     train_size: int = field(default=256, metadata={"help": "Questions taken from the train split (0: all)."})
     eval_size: int = field(default=200, metadata={"help": "Held-out questions scored before and after (0: skip)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/validation/held-out split."})
@@ -114,6 +121,11 @@ def load_model_and_tokenizer(args: CommonsenseArguments) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def prompt_format(args: CommonsenseArguments) -> commonsense.PromptFormat:
+    """The :class:`~neuroada_plugin.commonsense.PromptFormat` selected by ``--show_options``."""
+    return commonsense.PromptFormat(show_options=args.show_options)
+
+
 def commonsense_splits(args: CommonsenseArguments) -> tuple[list[commonsense.MCQuestion], list[commonsense.MCQuestion]]:
     """(train questions, held-out questions) of the run, sized by ``--train_size`` / ``--eval_size``."""
     splits = commonsense.make_splits(commonsense.load_questions(args.sources), seed=args.split_seed)
@@ -130,7 +142,12 @@ def evaluate(model: Any, tokenizer: Any, heldout: list[commonsense.MCQuestion], 
         return None
     start = time.perf_counter()
     result = commonsense.evaluate_multiple_choice(
-        model, tokenizer, heldout, batch_size=args.eval_batch_size, length_normalize=args.length_normalize
+        model,
+        tokenizer,
+        heldout,
+        fmt=prompt_format(args),
+        batch_size=args.eval_batch_size,
+        length_normalize=args.length_normalize,
     )
     print(f"[{label}] held-out {result.summary()} [{time.perf_counter() - start:.0f}s]", flush=True)
     return result

@@ -168,3 +168,12 @@ def test_overflowing_merge_in_half_precision_raises():
     with pytest.raises(MergeError, match="float16"):
         layer.merge()
     assert torch.equal(layer.get_base_layer().weight, weight_before) and not layer.merged
+
+
+def test_duplicate_indices_in_a_row_are_rejected(saved_adapter):
+    def corrupt(tensors):
+        tensors[KEY][2, 1] = tensors[KEY][2, 0]
+
+    _rewrite(saved_adapter, corrupt)
+    with pytest.raises(AdapterCheckpointError, match=r"layers\.1\.self_attn\.o_proj.*repeats an input index"):
+        PeftModel.from_pretrained(tiny_llama(), saved_adapter)

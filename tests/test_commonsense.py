@@ -131,29 +131,45 @@ def _csqa0() -> cs.MCQuestion:
     return cs.load_source("csqa")[0]
 
 
-def test_prompt_and_rows():
+def test_cloze_format_and_rows():
+    q = _csqa0()
+    question = q.question
+    assert cs.prompt_text(q) == question and cs.CLOZE.prompt_text(q) == question
+    assert cs.answer_text(q) == "bank" and cs.answer_text(q, 3) == "mall"
+    siqa = cs.load_source("siqa")[0]
+    assert cs.prompt_text(siqa) == siqa.passage + "\n\n" + siqa.question
+
+    [sft] = cs.sft_rows([q])
+    assert sft == {
+        "prompt": [{"role": "user", "content": question}],
+        "completion": [{"role": "assistant", "content": "bank"}],
+    }
+    [dpo] = cs.dpo_rows([q])
+    assert dpo["prompt"] == sft["prompt"] and dpo["chosen"] == sft["completion"]
+    assert dpo["rejected"] == [{"role": "assistant", "content": q.options[cs.wrong_option(q)]}]
+    assert cs.dpo_rows([q]) == [dpo]  # deterministic
+
+
+def test_lettered_format_and_rows():
     q = _csqa0()
     expected_prompt = (
         "A revolving door is convenient for two direction travel, but it also serves as a security measure at a what?\n"
         "A. bank\nB. library\nC. department store\nD. mall\nE. new york\n" + cs.INSTRUCTION
     )
-    assert cs.prompt_text(q) == expected_prompt
-    assert cs.answer_text(q) == "A. bank" and cs.answer_text(q, 3) == "D. mall"
+    assert cs.prompt_text(q, cs.LETTERED) == expected_prompt
+    assert cs.answer_text(q, fmt=cs.LETTERED) == "A. bank" and cs.answer_text(q, 3, cs.LETTERED) == "D. mall"
     siqa = cs.load_source("siqa")[0]
-    assert cs.prompt_text(siqa).startswith(siqa.passage + "\n\n" + siqa.question + "\nA. make a new plan\n")
-
-    [sft] = cs.sft_rows([q])
-    assert sft == {
+    assert cs.prompt_text(siqa, cs.LETTERED).startswith(f"{siqa.passage}\n\n{siqa.question}\nA. make a new plan\n")
+    [sft] = cs.sft_rows([q], cs.LETTERED)
+    assert sft["completion"] == [{"role": "assistant", "content": "A. bank"}]
+    [dpo] = cs.dpo_rows([q], cs.LETTERED, seed=3)
+    assert dpo["rejected"][0]["content"] == cs.option_line(q, cs.wrong_option(q, seed=3))
+    [grpo] = cs.grpo_rows([q])  # GRPO defaults to the lettered format: answers must name an option
+    assert grpo == {
         "prompt": [{"role": "user", "content": expected_prompt}],
-        "completion": [{"role": "assistant", "content": "A. bank"}],
+        "answer_letter": "A",
+        "options": list(q.options),
     }
-    [dpo] = cs.dpo_rows([q])
-    assert dpo["prompt"] == sft["prompt"] and dpo["chosen"] == sft["completion"]
-    rejected = dpo["rejected"][0]["content"]
-    assert rejected != "A. bank" and rejected in [cs.answer_text(q, i) for i in range(1, 5)]
-    assert cs.dpo_rows([q]) == [dpo]  # deterministic
-    [grpo] = cs.grpo_rows([q])
-    assert grpo == {"prompt": sft["prompt"], "answer_letter": "A", "options": list(q.options)}
 
 
 def test_wrong_options_cover_all_distractors():
@@ -199,7 +215,7 @@ def test_option_reward_follows_trl_protocol():
 
 def test_export_jsonl(tmp_path):
     questions = cs.load_source("obqa")[:3]
-    paths = cs.export_jsonl(questions, tmp_path / "axolotl", "obqa-train")
+    paths = cs.export_jsonl(questions, tmp_path / "axolotl", "obqa-train", seed=2)
     alpaca = [json.loads(line) for line in _read_lines(paths["alpaca"])]
     pairs = [json.loads(line) for line in _read_lines(paths["dpo"])]
     assert alpaca[1] == {
@@ -209,7 +225,10 @@ def test_export_jsonl(tmp_path):
     }
     assert [set(p) for p in pairs] == [{"prompt", "chosen", "rejected"}] * 3
     assert pairs[0]["chosen"] == cs.answer_text(questions[0])
-    assert pairs[0]["rejected"] == cs.dpo_rows(questions)[0]["rejected"][0]["content"]
+    assert pairs[0]["rejected"] == cs.dpo_rows(questions, seed=2)[0]["rejected"][0]["content"]
+    lettered = cs.alpaca_rows(questions, cs.LETTERED)[0]
+    assert lettered["output"] == cs.option_line(questions[0], questions[0].label)
+    assert lettered["instruction"].endswith(cs.INSTRUCTION)
 
 
 def test_paired_change_is_an_exact_mcnemar_test():
@@ -231,18 +250,18 @@ def test_paired_change_is_an_exact_mcnemar_test():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _reference_scores(model, tokenizer, questions) -> list[list[float]]:
+def _reference_scores(model, tokenizer, questions, fmt=cs.CLOZE) -> list[list[float]]:
     """Summed answer log-likelihood from one unbatched forward per option, via the model's own loss."""
     scores = []
     with torch.no_grad():
         for q in questions:
-            prompt = [{"role": "user", "content": cs.prompt_text(q)}]
+            prompt = [{"role": "user", "content": cs.prompt_text(q, fmt)}]
             prompt_ids = tokenizer.apply_chat_template(
                 prompt, add_generation_prompt=True, tokenize=True, return_dict=True
             )
             row = []
             for j in range(len(q.options)):
-                answer = [{"role": "assistant", "content": cs.answer_text(q, j)}]
+                answer = [{"role": "assistant", "content": cs.answer_text(q, j, fmt)}]
                 ids = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
                 ids = torch.tensor([ids])
                 labels = ids.clone()
@@ -270,32 +289,36 @@ def test_encode_question_matches_trl_completion_tokens(tiny_and_tokenizer):
     _, tokenizer = tiny_and_tokenizer
     q = _csqa0()
     prompt, candidates = cs.encode_question(tokenizer, q)
-    assert tokenizer.decode(prompt).endswith(
-        "Answer with the letter and text of the correct option.<|im_end|>\n<|im_start|>assistant\n"
-    )
-    assert [tokenizer.decode(c) for c in candidates] == [f"{cs.answer_text(q, j)}<|im_end|>\n" for j in range(5)]
+    assert tokenizer.decode(prompt).endswith(f"<|im_start|>user\n{q.question}<|im_end|>\n<|im_start|>assistant\n")
+    assert [tokenizer.decode(c) for c in candidates] == [f"{o}<|im_end|>\n" for o in q.options]
+    prompt, candidates = cs.encode_question(tokenizer, q, cs.LETTERED)
+    assert tokenizer.decode(prompt).endswith(f"E. new york\n{cs.INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+    assert [tokenizer.decode(c) for c in candidates] == [f"{cs.option_line(q, j)}<|im_end|>\n" for j in range(5)]
 
 
 @pytest.fixture(scope="module")
-def mixed_reference(tiny_and_tokenizer):
+def references(tiny_and_tokenizer):
     model, tokenizer = tiny_and_tokenizer
     questions = _mixed_questions()
-    return questions, _reference_scores(model, tokenizer, questions)
+    return questions, {fmt: _reference_scores(model, tokenizer, questions, fmt) for fmt in (cs.CLOZE, cs.LETTERED)}
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_evaluation_matches_unbatched_reference(tiny_and_tokenizer, mixed_reference, batch_size):
+@pytest.mark.parametrize(("batch_size", "fmt"), [(1, cs.CLOZE), (3, cs.CLOZE), (16, cs.CLOZE), (3, cs.LETTERED)])
+def test_evaluation_matches_unbatched_reference(tiny_and_tokenizer, references, batch_size, fmt):
     model, tokenizer = tiny_and_tokenizer
-    questions, reference = mixed_reference
+    questions, by_format = references
+    reference = by_format[fmt]
     assert {q.source for q in questions} == {"csqa", "piqa", "siqa"}
-    result = cs.evaluate_multiple_choice(model, tokenizer, questions, batch_size=batch_size)
+    result = cs.evaluate_multiple_choice(model, tokenizer, questions, fmt=fmt, batch_size=batch_size)
     for got, want in zip(result.scores, reference, strict=True):
         assert got == pytest.approx(want, abs=2e-4)
     assert result.predictions == [max(range(len(r)), key=r.__getitem__) for r in reference]
     expected_acc = sum(p == q.label for p, q in zip(result.predictions, questions, strict=True)) / len(questions)
     assert result.accuracy == expected_acc and result.n == 7
-    normalized = cs.evaluate_multiple_choice(model, tokenizer, questions, batch_size=batch_size, length_normalize=True)
-    lengths = [[len(c) for c in cs.encode_question(tokenizer, q)[1]] for q in questions]
+    normalized = cs.evaluate_multiple_choice(
+        model, tokenizer, questions, fmt=fmt, batch_size=batch_size, length_normalize=True
+    )
+    lengths = [[len(c) for c in cs.encode_question(tokenizer, q, fmt)[1]] for q in questions]
     for got, want, lens in zip(normalized.scores, reference, lengths, strict=True):
         assert got == pytest.approx([w / n for w, n in zip(want, lens, strict=True)], abs=1e-4)
 

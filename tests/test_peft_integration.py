@@ -137,7 +137,8 @@ def test_fresh_process_loads_adapter_without_importing_plugin(trained_adapter, t
     assert torch.equal(torch.load(out), expected)
 
 
-def test_low_cpu_mem_load_skips_selection(trained_adapter, tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_loading_for_inference_never_runs_selection(trained_adapter, tiny_llama_dir, monkeypatch, low_cpu_mem_usage):
     from neuroada_plugin.neuroada import layer as layer_module
 
     def forbidden(*args, **kwargs):
@@ -146,8 +147,23 @@ def test_low_cpu_mem_load_skips_selection(trained_adapter, tiny_llama_dir, monke
     monkeypatch.setattr(layer_module, "select_connections", forbidden)
     adapter_dir, expected = trained_adapter
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    model = PeftModel.from_pretrained(base, adapter_dir, low_cpu_mem_usage=True)
+    model = PeftModel.from_pretrained(base, adapter_dir, low_cpu_mem_usage=low_cpu_mem_usage)
     assert torch.equal(logits(model), expected)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert torch.equal(logits(model), expected)
+
+
+def test_inference_mode_config_without_file_selects_on_first_use(tmp_path):
+    """A deferred selection (inference_mode) still equals the eager one, also when saved first."""
+    eager = get_peft_model(tiny_llama(), NeuroAdaConfig(top_k=2))
+    deferred = get_peft_model(tiny_llama(), NeuroAdaConfig(top_k=2, inference_mode=True))
+    deferred.save_pretrained(tmp_path / "deferred")
+    saved = load_file(tmp_path / "deferred" / "adapter_model.safetensors")
+    for name, module in eager.named_modules():
+        if isinstance(module, NeuroAdaLayer):
+            key = name.removesuffix("") + ".neuroada_indices"
+            assert torch.equal(saved[key], module.neuroada_indices["default"])
 
 
 def test_merge_and_unload_is_exact_and_removes_adapter_modules(trained_adapter, tiny_llama_dir):

@@ -87,9 +87,16 @@ def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkey
     from neuroada_plugin.trl_support import CommonsenseArguments, NeuroAdaArguments
 
     data = CommonsenseArguments(
-        model_name_or_path=str(tiny_llama_dir), dtype="float32", sources="obqa", train_size=4, eval_size=4
+        model_name_or_path=str(tiny_llama_dir),
+        dtype="float32",
+        sources="obqa",
+        train_size=4,
+        eval_size=4,
+        show_options=grpo.DEFAULTS["show_options"],
     )
-    settings = dict(grpo.DEFAULTS, output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8)
+    assert data.show_options  # GRPO needs the options in the prompt to name one
+    settings = {k: v for k, v in grpo.DEFAULTS.items() if k != "show_options"}
+    settings.update(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8)
     settings.update(disable_tqdm=True, max_completion_length=4)
     grpo.main(data, NeuroAdaArguments(), GRPOConfig(**settings))
     printed = capsys.readouterr().out
@@ -97,8 +104,9 @@ def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkey
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     heldout = cs.make_splits(cs.load_questions("obqa")).heldout[:4]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    before = cs.evaluate_multiple_choice(base, tokenizer, heldout)
-    after = cs.evaluate_multiple_choice(PeftModel.from_pretrained(base, tmp_path / "out"), tokenizer, heldout)
+    before = cs.evaluate_multiple_choice(base, tokenizer, heldout, fmt=cs.LETTERED)
+    tuned = PeftModel.from_pretrained(base, tmp_path / "out")
+    after = cs.evaluate_multiple_choice(tuned, tokenizer, heldout, fmt=cs.LETTERED)
     assert f"[before] held-out {before.summary()}" in printed
     assert f"[after] held-out {after.summary()}" in printed
     assert "==== GRPO + NeuroAda summary ====" in printed

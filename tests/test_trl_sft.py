@@ -165,9 +165,7 @@ def test_resume_from_checkpoint_restores_adapter_and_optimizer(tiny_llama_dir, t
     (stripped / "optimizer.pt").unlink()
     fresh_optimizer = _trainer(tiny_llama_dir, _config(tmp_path / "fresh", **args))
     fresh_optimizer.train(resume_from_checkpoint=str(stripped))
-    differences = [
-        (_thetas(fresh_optimizer.model)[n] - t).abs().max().item() for n, t in _thetas(full.model).items()
-    ]
+    differences = [(_thetas(fresh_optimizer.model)[n] - t).abs().max().item() for n, t in _thetas(full.model).items()]
     assert max(differences) > 1e-3
 
 

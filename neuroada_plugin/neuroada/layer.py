@@ -37,6 +37,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         # Original values of the entries each merged adapter overwrote: unmerge restores
         # them bit for bit instead of subtracting theta (which rounds).
         self._merge_backup: dict[str, torch.Tensor] = {}
+        # Adapters whose selection is deferred: PEFT is loading a saved adapter for inference,
+        # whose file brings the indices; selection runs only if it does not (first use).
+        self._pending_selection: dict[str, NeuroAdaConfig] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -62,6 +65,11 @@ class NeuroAdaLayer(BaseTunerLayer):
             # PEFT is loading a saved adapter with low_cpu_mem_usage=True: the file's
             # indices will be assigned, so selection is not run at all.
             indices = torch.empty(self.out_features, k, dtype=torch.int64, device="meta")
+        elif config.inference_mode:
+            # PeftModel.from_pretrained (inference): the file's indices overwrite this
+            # placeholder; -1 makes a file that somehow captured it fail validation loudly.
+            indices = torch.full((self.out_features, k), -1, dtype=torch.int64, device=weight.device)
+            self._pending_selection[adapter_name] = config
         else:
             indices = select_connections(weight, k, config.selection, seed=config.seed, salt=module_name)
         self.neuroada_indices[adapter_name] = indices
@@ -87,7 +95,22 @@ class NeuroAdaLayer(BaseTunerLayer):
     def _layer_name(self) -> str:
         return getattr(self, "_neuroada_module_name", "") or type(self.get_base_layer()).__name__
 
+    def _resolve_pending_selection(self) -> None:
+        """Run the deferred selections that no loaded file supplied (from the unmerged weight)."""
+        for name, config in list(self._pending_selection.items()):
+            weight = self.get_base_layer().weight
+            self.neuroada_indices[name] = select_connections(
+                weight,
+                config.top_k,
+                config.selection,
+                seed=config.seed,
+                salt=getattr(self, "_neuroada_module_name", ""),
+            )
+            del self._pending_selection[name]
+
     def _checked_indices(self, adapter_name: str) -> torch.Tensor:
+        if self._pending_selection:
+            self._resolve_pending_selection()
         indices = self.neuroada_indices[adapter_name]
         if indices.is_meta:
             raise AdapterCheckpointError(
@@ -164,6 +187,7 @@ class NeuroAdaLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._merge_backup.pop(adapter_name, None)
+        self._pending_selection.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
 
@@ -231,7 +255,15 @@ class Linear(nn.Module, NeuroAdaLayer):
                     f"(valid input indices 0..{self.in_features - 1}). The adapter was trained on a different base "
                     "model, or the file is corrupted."
                 )
+            if indices.shape[1] > 1:
+                ordered = indices.sort(dim=1).values
+                if (ordered[:, 1:] == ordered[:, :-1]).any():
+                    raise AdapterCheckpointError(
+                        f"NeuroAda checkpoint entry {key!r} (layer {layer}) repeats an input index within a row; "
+                        "every output neuron's connections must be distinct. The file is corrupted."
+                    )
             state_dict[key] = indices.to(torch.int64)
+            self._pending_selection.pop(key[len(index_prefix) :], None)
         for key in [k for k in state_dict if k.startswith(theta_prefix)]:
             theta = state_dict[key]
             name = key[len(theta_prefix) :]

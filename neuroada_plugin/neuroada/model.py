@@ -98,6 +98,17 @@ class NeuroAdaModel(BaseTuner):
             if isinstance(module, NeuroAdaLayer) and not module.disable_adapters:
                 module.check_merge(adapter_names)
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, *args: Any, **kwargs: Any):
+        """Run deferred selections before saving, so a file never holds placeholder indices."""
+        pending = [m for m in model.modules() if isinstance(m, NeuroAdaLayer) and m._pending_selection]
+        if pending:
+            for module in pending:
+                module._resolve_pending_selection()
+            fresh = model.state_dict()
+            kwargs["state_dict"] = {key: fresh.get(key, value) for key, value in kwargs["state_dict"].items()}
+        return super()._get_adapter_state_dict(model, *args, **kwargs)
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Keep theta in ``config.theta_dtype``; PEFT's default would silently upcast bf16 to fp32."""
 
