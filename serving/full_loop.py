@@ -32,7 +32,16 @@ from serving.client import chat  # noqa: E402
 from serving.serve import VllmServer, default_python, free_port  # noqa: E402
 
 
-def train(base: Path, adapter_dir: Path, *, max_steps: int, train_size: int, top_k: int, learning_rate: float) -> Path:
+def train(
+    base: Path,
+    adapter_dir: Path,
+    *,
+    max_steps: int,
+    train_size: int,
+    top_k: int,
+    learning_rate: float,
+    eval_size: int = 200,
+) -> Path:
     """Run the TRL SFT example (its own process, like a user would) and return the adapter folder."""
     script = REPO / "trl_examples" / "sft.py"
     if not script.is_file():
@@ -44,7 +53,7 @@ def train(base: Path, adapter_dir: Path, *, max_steps: int, train_size: int, top
         "--output_dir", str(adapter_dir),
         "--max_steps", str(max_steps),
         "--train_size", str(train_size),
-        "--eval_size", "0",
+        "--eval_size", str(eval_size),  # held-out accuracy before/after training (0: skip)
         "--neuroada_top_k", str(top_k),
         "--learning_rate", str(learning_rate),
     ]  # fmt: skip
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--eval-size", type=int, default=200, help="Held-out questions scored before/after (0: skip).")
     parser.add_argument("--skip-train", action="store_true", help="Reuse the adapter already in WORKDIR/adapter.")
     parser.add_argument("--python", default=None, help="Interpreter with vLLM (default: .venv-vllm/bin/python).")
     parser.add_argument("--port", type=int, default=0, help="Server port on 127.0.0.1 (0: a free one).")
@@ -119,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             train_size=args.train_size,
             top_k=args.top_k,
             learning_rate=args.learning_rate,
+            eval_size=args.eval_size,
         )
     merge(base, adapter_dir, merged_dir)
     python = args.python or default_python()
