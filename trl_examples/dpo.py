@@ -29,6 +29,7 @@ from neuroada_plugin.trl_support import (
     load_model_and_tokenizer,
     neuroada_config,
     print_summary,
+    prompt_format,
 )
 
 # Sized for a few minutes on 2 CPU cores. NeuroAda's rates sit ~10x above LoRA's.
@@ -59,7 +60,9 @@ def main(data_args: CommonsenseArguments, adapter_args: NeuroAdaArguments, train
     trainer = DPOTrainer(
         model=model,
         args=training_args,
-        train_dataset=Dataset.from_list(commonsense.dpo_rows(train, seed=data_args.split_seed)),
+        train_dataset=Dataset.from_list(
+            commonsense.dpo_rows(train, prompt_format(data_args), seed=data_args.split_seed)
+        ),
         processing_class=tokenizer,
         peft_config=neuroada_config(adapter_args),
     )

@@ -28,11 +28,13 @@ from neuroada_plugin.trl_support import (
     load_model_and_tokenizer,
     neuroada_config,
     print_summary,
+    prompt_format,
 )
 
 # Sized for a few minutes on 2 CPU cores: short answers ("B. bookstore" + end of turn) need few tokens.
 DEFAULTS = dict(
     output_dir="outputs/grpo-neuroada",
+    show_options=True,  # a sampled answer can only name an option the prompt shows
     learning_rate=5e-3,
     beta=0.04,
     lr_scheduler_type="linear",
@@ -61,7 +63,7 @@ def main(data_args: CommonsenseArguments, adapter_args: NeuroAdaArguments, train
         model=model,
         reward_funcs=commonsense.option_reward,
         args=training_args,
-        train_dataset=Dataset.from_list(commonsense.grpo_rows(train)),
+        train_dataset=Dataset.from_list(commonsense.grpo_rows(train, prompt_format(data_args))),
         processing_class=tokenizer,
         peft_config=neuroada_config(adapter_args),
     )

@@ -33,6 +33,7 @@ from neuroada_plugin.trl_support import (
     load_model_and_tokenizer,
     neuroada_config,
     print_summary,
+    prompt_format,
 )
 
 # Defaults sized for a few minutes on 2 CPU cores. NeuroAda trains one value per output neuron
@@ -64,7 +65,7 @@ def main(data_args: CommonsenseArguments, adapter_args: NeuroAdaArguments, train
     trainer = SFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=Dataset.from_list(commonsense.sft_rows(train)),
+        train_dataset=Dataset.from_list(commonsense.sft_rows(train, prompt_format(data_args))),
         processing_class=tokenizer,
         peft_config=neuroada_config(adapter_args),
     )
