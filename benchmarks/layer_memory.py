@@ -894,6 +894,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
+    git_at_start = git_state()  # before the forkserver imports the package: the code measured
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -946,7 +947,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": shlex.join(["python", "benchmarks/layer_memory.py", *(sys.argv[1:] if argv is None else argv)]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device),
-        "git": git_state(),
+        "git": git_at_start,
         "loadavg_start": load_start,
         "loadavg_end": _loadavg(),
         "memory_methods": sorted({r["memory_method"] for r in rows if "memory_method" in r}),
