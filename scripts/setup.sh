@@ -16,7 +16,10 @@ if [ -f "$stamp" ]; then
   echo "[setup] $VENV is up to date"
   exit 0
 fi
-pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+pip_install() {  # quiet pip that still fails the script when pip fails
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true
+  return "${PIPESTATUS[0]}"
+}
 
 # torch first, pinned: on these machines torch==2.13.0 resolves to the local CPU wheel; an
 # unpinned torch would pull several GB of CUDA packages. On a GPU machine install the CUDA
