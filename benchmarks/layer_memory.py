@@ -50,34 +50,44 @@ float32|bfloat16``. Results go to ``benchmarks/results/layer_memory-<device>-<dt
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
-import datetime
 import gc
-import importlib.metadata
-import json
-import multiprocessing as mp
-import os
-import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere, also in forkserver children
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # run as a script from anywhere, also in forkserver children
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
+from _measure import (  # noqa: E402
+    MIB,
+    DenseComposition,
+    PeakMemory,
+    forkserver_context,
+    git_state,
+    loadavg,
+    machine_info,
+    make_allocator_transparent,
+    markdown_header,
+    mib,
+    ratio,
+    resolve_device,
+    run_isolated,
+    supertuning_sparsity,
+    sync,
+    utc_timestamp,
+    write_results,
+)
 from torch import nn  # noqa: E402
 
-MIB = 1024 * 1024
 # Issue 2 targets for NeuroAda k=1.
 TIME_RATIO_TARGET = 1.15  # step time <= 1.15 x LoRA r=8
 DENSE_FRACTION_TARGET = 0.5  # "well under" the dense reference: at most half its extra memory
@@ -251,39 +261,6 @@ class OneLayer(nn.Module):
         return self.proj(x)
 
 
-class DenseComposition(nn.Module):
-    """The dense-composition reference: ``F.linear(x, W + scatter(idx, theta))``.
-
-    This is how the official NeuroAda code (and PEFT's Super-Tuning/SHiRA) apply a sparse
-    update: a weight-sized copy is built on every forward and autograd keeps it for backward,
-    and backward computes the full ``[out, in]`` weight gradient only to gather ``out * k``
-    entries from it. Same selection as our layer (``select_connections``, magnitude).
-    """
-
-    def __init__(self, proj: nn.Linear, k: int) -> None:
-        super().__init__()
-        from neuroada_plugin import select_connections
-
-        self.proj = proj
-        self.proj.requires_grad_(False)
-        self.register_buffer("indices", select_connections(proj.weight, k))
-        self.theta = nn.Parameter(torch.zeros(proj.out_features, k, dtype=torch.float32, device=proj.weight.device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight
-        delta = torch.zeros_like(weight).scatter(1, self.indices, self.theta.to(weight.dtype))
-        return nn.functional.linear(x, weight + delta, self.proj.bias)
-
-
-def supertuning_sparsity(out_features: int, in_features: int) -> float:
-    """Sparsity for which Super-Tuning trains exactly ``out_features`` entries (NeuroAda k=1's budget).
-
-    PEFT computes ``int(numel * (1 - sparsity))``; aiming half an entry above ``out`` makes the
-    floor land on ``out`` despite float rounding.
-    """
-    return 1.0 - (out_features + 0.5) / (out_features * in_features)
-
-
 def build_model(config: str, shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The model for ``config``: a fresh frozen linear (seeded, so every config sees the same W) plus its adapter."""
     import peft
@@ -319,94 +296,6 @@ def adapter_state_bytes(model: nn.Module) -> int:
             continue
         total += tensor.numel() * tensor.element_size()
     return total
-
-
-# --------------------------------------------------------------------------------------------
-# Memory probes (CPU)
-# --------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018  (glibc only: musl has no mallopt)
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def _make_allocator_transparent() -> bool:
-    """Make RSS follow live tensors: every block > 64 KiB gets its own mmap, freed pages go back.
-
-    glibc's default raises the mmap threshold up to 32 MiB after large frees and keeps freed
-    heap memory, so RSS would depend on allocation history rather than on the step's tensors.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1 and libc.mallopt(m_trim_threshold, 128 * 1024) == 1
-    libc.malloc_trim(0)
-    return ok
-
-
-def _glibc_trim() -> None:
-    """Return glibc's cached free pages to the kernel (no-op off glibc)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-class _RssSampler(threading.Thread):
-    """Fallback peak-RSS probe: polls psutil every 0.5 ms (torch ops release the GIL)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        import psutil
-
-        self._process = psutil.Process()
-        self.peak = self._process.memory_info().rss
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(0.0005)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return max(self.peak, self._process.memory_info().rss)
-
-
-def _current_rss() -> int:
-    kib = _proc_status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,15 +362,6 @@ def build_case(config: str, shape: Shape, device: torch.device, dtype: torch.dty
     return Case(config, model, optimizer, trainable, x, grad_out, time.perf_counter() - start)
 
 
-def _loadavg() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_timing(job: dict[str, Any]) -> dict[str, Any]:
     """Time every configuration of one shape in ONE process, interleaved step by step.
 
@@ -494,7 +374,7 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
     shape = Shape(**job["shape"])
     configs: list[str] = job["configs"]
     device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
-    load_start = _loadavg()
+    load_start = loadavg()
     cases = [build_case(config, shape, device, dtype) for config in configs]
     for case in cases:
         for _ in range(shape.warmup):
@@ -504,10 +384,10 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
     for round_index in range(shape.reps):
         shift = round_index % len(cases)
         for case in cases[shift:] + cases[:shift]:
-            _sync(device)
+            sync(device)
             wall_start, cpu_start = time.perf_counter(), time.process_time()
             case.step()
-            _sync(device)
+            sync(device)
             wall[case.config].append(time.perf_counter() - wall_start)
             cpu[case.config].append(time.process_time() - cpu_start)
     return {
@@ -515,7 +395,7 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
         "cpu": cpu,
         "build_s": {case.config: case.build_s for case in cases},
         "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
+        "loadavg_end": loadavg(),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -538,7 +418,7 @@ def run_memory(job: dict[str, Any]) -> dict[str, Any]:
     # Before the first tensor: a block glibc once placed in its heap stays in its free lists
     # and, when reused, keeps its pages resident after the next free, so RSS would count
     # dead temporaries. With the threshold set first, every tensor > 64 KiB is its own mmap.
-    transparent = device.type == "cpu" and _make_allocator_transparent()
+    transparent = device.type == "cpu" and make_allocator_transparent()
     case = build_case(config, shape, device, dtype)
     case.step()
     if case.optimizer is not None:
@@ -548,41 +428,17 @@ def run_memory(job: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     held: list[int] = []
 
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    probe = PeakMemory(device)
+    before = probe.start()
 
-        def record_held() -> None:
-            held.append(torch.cuda.memory_allocated(device) - before)
+    def record_held() -> None:
+        held.append(probe.current() - before)
 
-        for _ in range(shape.mem_steps):
-            case.step(after_forward=record_held)
-        _sync(device)
-        step_peak = torch.cuda.max_memory_allocated(device) - before
-        retained = torch.cuda.memory_allocated(device) - before
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        _glibc_trim()
-        before = _current_rss()
-
-        def record_held() -> None:
-            held.append(_current_rss() - before)
-
-        sampler = None
-        if _reset_peak_rss():
-            method = "VmHWM after clear_refs"
-        else:
-            sampler = _RssSampler()
-            sampler.start()
-            method = "psutil RSS sampling (0.5 ms)"
-        for _ in range(shape.mem_steps):
-            case.step(after_forward=record_held)
-        peak_rss = sampler.stop() if sampler is not None else (_proc_status_kib("VmHWM") or 0) * 1024
-        step_peak = peak_rss - before
-        retained = _current_rss() - before
-        if transparent:
-            method += ", glibc mmap threshold 64 KiB"
+    for _ in range(shape.mem_steps):
+        case.step(after_forward=record_held)
+    step_peak = probe.stop() - before
+    retained = probe.current() - before
+    method = probe.method + (", glibc mmap threshold 64 KiB" if transparent else "")
 
     k_match = re.search(r"_k(\d+)", config)
     return {
@@ -604,94 +460,9 @@ def run_memory(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_entry(kind: str, job: dict[str, Any], connection: Any) -> None:
-    """Child entry point: send back the result or the error text."""
-    try:
-        result = run_timing(job) if kind == "timing" else run_memory(job)
-        connection.send({"ok": True, "result": result})
-    except BaseException as error:  # e.g. a shape error; an OOM kill is caught by the parent
-        connection.send({"ok": False, "error": f"{type(error).__name__}: {error}"})
-    finally:
-        connection.close()
-
-
-def run_isolated(context: Any, kind: str, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run ``job`` in a fresh child process; returns ``{"ok": ..., "result" | "error": ...}``."""
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_worker_entry, args=(kind, job, sender))
-    process.start()
-    sender.close()
-    message = None
-    if receiver.poll(timeout_s):
-        try:
-            message = receiver.recv()
-        except EOFError:
-            message = None
-    process.join(5)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    if message is None:
-        message = {"ok": False, "error": f"child exited with code {process.exitcode} (killed/OOM or timeout)"}
-    return message
-
-
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
-
-
-def _version(distribution: str) -> str | None:
-    """Installed version, read from metadata: importing peft here would cost the parent ~6 s."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_state() -> dict[str, Any]:
-    """Commit of the checkout and the tracked package files that differ from it.
-
-    Read-only git calls (no index refresh), so a results file says which op it measured.
-    """
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    changed = git("diff", "--name-only", "HEAD", "--", "neuroada_plugin")
-    return {"commit": git("rev-parse", "HEAD"), "package_files_changed": changed.split() if changed else []}
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """CPU model, cores, RAM, GPU (if any) and library versions, for the results file."""
-    import psutil
-
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "logical_cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "platform": platform.platform(),
-        "libc": " ".join(platform.libc_ver()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "peft": _version("peft"),
-        "neuroada_plugin": _version("neuroada-plugin"),
-    }
 
 
 def merge_rows(shape: Shape, configs: list[str], timing: dict[str, Any], memory: dict[str, dict]) -> list[dict]:
@@ -775,14 +546,6 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return verdicts
 
 
-def _mib(value: float | None) -> str:
-    return "-" if value is None else f"{value / MIB:,.2f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
 def results_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of every row (errors included)."""
     lines = [
@@ -797,11 +560,11 @@ def results_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {label} | {row['config']} | ERROR: {row['error']} | | | | | | | | | |")
             continue
         lines.append(
-            f"| {label} | {row['config']} | {row['trainable_params']:,} | {_mib(row['adapter_state_bytes'])} "
+            f"| {label} | {row['config']} | {row['trainable_params']:,} | {mib(row['adapter_state_bytes'])} "
             f"| {row['median_step_s'] * 1e3:,.1f} | {row['min_step_s'] * 1e3:,.1f} | {row['median_cpu_s'] * 1e3:,.1f} "
-            f"| {_ratio(row.get('time_vs_lora'))} | {_mib(row.get('extra_held_bytes'))} "
-            f"| {_mib(row['step_peak_bytes'])} | {_mib(row.get('extra_step_bytes'))} "
-            f"| {_ratio(row.get('step_peak_vs_lora'))} |"
+            f"| {ratio(row.get('time_vs_lora'))} | {mib(row.get('extra_held_bytes'))} "
+            f"| {mib(row['step_peak_bytes'])} | {mib(row.get('extra_step_bytes'))} "
+            f"| {ratio(row.get('step_peak_vs_lora'))} |"
         )
     return "\n".join(lines)
 
@@ -829,24 +592,13 @@ def targets_table(verdicts: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(payload: dict[str, Any], output_dir: Path, stem: str) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` and ``<stem>.md``; returns both paths."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / f"{stem}.json", output_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    m = payload["machine"]
+def markdown_report(payload: dict[str, Any]) -> list[str]:
+    """The ``.md`` results file, line by line."""
+    title = (
+        f"Layer memory/time benchmark ({payload['device']}, {payload['dtype']}{', quick' if payload['quick'] else ''})"
+    )
     md = [
-        f"# Layer memory/time benchmark ({payload['device']}, {payload['dtype']}{', quick' if payload['quick'] else ''})",
-        "",
-        f"- command: `{payload['command']}`",
-        f"- timestamp (UTC): {payload['timestamp']}",
-        f"- machine: {m['cpu_model']}, {m['logical_cores']} logical / {m['physical_cores']} physical cores, "
-        f"{m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}",
-        f"- versions: python {m['python']}, torch {m['torch']}, peft {m['peft']}, neuroada_plugin {m['neuroada_plugin']}",
-        f"- git commit: {payload['git']['commit']}; changed package files: {payload['git']['package_files_changed'] or 'none'}",
-        f"- load average (1/5/15 min) at start: {payload['loadavg_start']}, at end: {payload['loadavg_end']}",
-        f"- memory method: {', '.join(payload['memory_methods'])}",
-        f"- wall time: {payload['wall_s']:.0f} s",
+        *markdown_header(payload, title),
         "",
         "Step = forward + backward (the input requires grad) + AdamW step on the trainable tensors. "
         "Times: all configurations of a shape in one process, interleaved; `CPU ms/step` is process CPU time "
@@ -871,8 +623,7 @@ def write_results(payload: dict[str, Any], output_dir: Path, stem: str) -> tuple
             f"{payload['previous_check_max_abs_diff']:.3g}.",
             "",
         ]
-    md_path.write_text("\n".join(md))
-    return json_path, md_path
+    return md
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -895,12 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
     git_at_start = git_state()  # before the forkserver imports the package: the code measured
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    device = resolve_device(args.device)
 
     shapes = list(QUICK_SHAPES if args.quick else FULL_SHAPES)
     if args.shapes:
@@ -921,17 +667,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"previous op disagrees with the current op: max abs diff {previous_diff}")
 
     # Children fork from a server that imported torch/peft but never ran an op or touched CUDA.
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "peft", "neuroada_plugin"])
-    load_start = _loadavg()
+    context = forkserver_context(["torch", "peft", "neuroada_plugin"])
+    load_start = loadavg()
     rows: list[dict[str, Any]] = []
     for shape in shapes:
         base_job = {"shape": dataclasses.asdict(shape), "device": str(device), "dtype": args.dtype}
-        timing = run_isolated(context, "timing", {**base_job, "configs": configs}, args.timeout)
+        timing = run_isolated(context, run_timing, {**base_job, "configs": configs}, args.timeout)
         print(f"[{shape.name}] timing {'done' if timing['ok'] else 'FAILED: ' + timing['error']}", file=sys.stderr)
         memory = {}
         for config in configs:
-            memory[config] = run_isolated(context, "memory", {**base_job, "config": config}, args.timeout)
+            memory[config] = run_isolated(context, run_memory, {**base_job, "config": config}, args.timeout)
             result = memory[config]
             status = (
                 f"step peak {result['result']['step_peak_bytes'] / MIB:.2f} MiB" if result["ok"] else result["error"]
@@ -945,11 +690,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(device),
         "dtype": args.dtype,
         "command": shlex.join(["python", "benchmarks/layer_memory.py", *(sys.argv[1:] if argv is None else argv)]),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": utc_timestamp(),
         "machine": machine_info(device),
         "git": git_at_start,
         "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
+        "loadavg_end": loadavg(),
         "memory_methods": sorted({r["memory_method"] for r in rows if "memory_method" in r}),
         "shapes": [dataclasses.asdict(s) for s in shapes],
         "configs": configs,
@@ -959,7 +704,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
     }
     stem = f"layer_memory-{device.type}-{args.dtype}{'-quick' if args.quick else ''}"
-    json_path, md_path = write_results(payload, args.output_dir, stem)
+    json_path, md_path = write_results(payload, args.output_dir, stem, markdown_report(payload))
     print(results_table(rows))
     print()
     print(targets_table(payload["targets"]))

@@ -4,7 +4,7 @@
     .venv/bin/python serving/full_loop.py --max-steps 200 --train-size 0 --workdir outputs/loop
 
 1. **Train**: ``trl_examples/sft.py`` (TRL ``SFTTrainer`` + ``NeuroAdaConfig``) fine-tunes
-   SmolLM2-135M-Instruct (shipped offline) on CommonsenseQA and saves a PEFT adapter.
+   SmolLM2-135M-Instruct (shipped offline) on PIQA (its defaults) and saves a PEFT adapter.
 2. **Merge**: :func:`neuroada_plugin.merge.merge_adapter_checkpoint` (the ``neuroada-merge`` CLI)
    streams the base checkpoint and writes an ordinary Hugging Face checkpoint.
 3. **Serve**: vLLM's OpenAI-compatible server on 127.0.0.1 (``vllm serve`` on a GPU; the
@@ -28,21 +28,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from neuroada_plugin.trl_support import CommonsenseArguments  # noqa: E402
 from serving.client import chat  # noqa: E402
 from serving.serve import VllmServer, default_python, free_port  # noqa: E402
 
 
-def train(
-    base: Path,
-    adapter_dir: Path,
-    *,
-    max_steps: int,
-    train_size: int,
-    top_k: int,
-    learning_rate: float,
-    eval_size: int = 200,
-) -> Path:
-    """Run the TRL SFT example (its own process, like a user would) and return the adapter folder."""
+def train(base: Path, adapter_dir: Path, *, sources: str, extra_flags: list[str]) -> Path:
+    """Run the TRL SFT example (its own process, like a user would) and return the adapter folder.
+
+    Training settings not given in ``extra_flags`` are the example's own defaults
+    (``trl_examples/sft.py``), so this loop always demonstrates what the example does.
+    """
     script = REPO / "trl_examples" / "sft.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} is missing: the TRL training example is needed for the training step.")
@@ -51,11 +47,8 @@ def train(
         "--model_name_or_path", str(base),
         "--dtype", "float32",  # vLLM on CPU serves float32; the merged checkpoint keeps the base dtype
         "--output_dir", str(adapter_dir),
-        "--max_steps", str(max_steps),
-        "--train_size", str(train_size),
-        "--eval_size", str(eval_size),  # held-out accuracy before/after training (0: skip)
-        "--neuroada_top_k", str(top_k),
-        "--learning_rate", str(learning_rate),
+        "--sources", sources,
+        *extra_flags,
     ]  # fmt: skip
     print(f"[1/4] training: {' '.join(command[1:])}", flush=True)
     subprocess.run(command, check=True, cwd=REPO)
@@ -72,18 +65,20 @@ def merge(base: Path, adapter_dir: Path, merged_dir: Path) -> Path:
     return merged_dir
 
 
-def held_out_question():
-    """The first held-out CommonsenseQA question of the shared split (never in the training set)."""
+def held_out_question(sources: str):
+    """The first held-out question of the shared split of ``sources`` (never in the training set)."""
     from neuroada_plugin import commonsense
 
-    return commonsense.make_splits(commonsense.load_questions("csqa")).heldout[0]
+    return commonsense.make_splits(commonsense.load_questions(sources)).heldout[0]
 
 
-def serve_and_ask(merged_dir: Path, *, python: str, port: int, startup_timeout: float) -> tuple[str, str, str]:
+def serve_and_ask(
+    merged_dir: Path, *, sources: str, python: str, port: int, startup_timeout: float
+) -> tuple[str, str, str]:
     """Start vLLM's OpenAI server on ``merged_dir``, ask one question, stop the server; (question, answer, gold)."""
     from neuroada_plugin import commonsense
 
-    question = held_out_question()
+    question = held_out_question(sources)
     prompt = commonsense.prompt_text(question)
     server = VllmServer(
         merged_dir,
@@ -105,11 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "full-loop")
     parser.add_argument("--base", type=Path, default=None, help="Base model folder (default: offline SmolLM2-135M).")
-    parser.add_argument("--max-steps", type=int, default=32)
-    parser.add_argument("--train-size", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
-    parser.add_argument("--eval-size", type=int, default=200, help="Held-out questions scored before/after (0: skip).")
+    parser.add_argument(
+        "--sources",
+        default=CommonsenseArguments.sources,
+        help="Commonsense sets to train on and to draw the served question from (default: %(default)s).",
+    )
+    # Left unset, these keep trl_examples/sft.py's defaults (one place decides them).
+    parser.add_argument("--max-steps", type=int, default=None, help="Training steps (default: the example's).")
+    parser.add_argument("--train-size", type=int, default=None, help="Training questions (default: the example's).")
+    parser.add_argument("--top-k", type=int, default=None, help="NeuroAda top_k (default: the example's, 1).")
+    parser.add_argument("--learning-rate", type=float, default=None, help="Learning rate (default: the example's).")
+    parser.add_argument(
+        "--eval-size", type=int, default=None, help="Held-out questions scored before/after (0: skip; default: 200)."
+    )
     parser.add_argument("--skip-train", action="store_true", help="Reuse the adapter already in WORKDIR/adapter.")
     parser.add_argument("--python", default=None, help="Interpreter with vLLM (default: .venv-vllm/bin/python).")
     parser.add_argument("--port", type=int, default=0, help="Server port on 127.0.0.1 (0: a free one).")
@@ -122,19 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base or smollm2_checkpoint()
     adapter_dir, merged_dir = args.workdir / "adapter", args.workdir / "merged"
     if not args.skip_train:
-        train(
-            base,
-            adapter_dir,
-            max_steps=args.max_steps,
-            train_size=args.train_size,
-            top_k=args.top_k,
-            learning_rate=args.learning_rate,
-            eval_size=args.eval_size,
-        )
+        given = {
+            "--max_steps": args.max_steps,
+            "--train_size": args.train_size,
+            "--neuroada_top_k": args.top_k,
+            "--learning_rate": args.learning_rate,
+            "--eval_size": args.eval_size,
+        }
+        extra_flags = [str(item) for flag, value in given.items() if value is not None for item in (flag, value)]
+        train(base, adapter_dir, sources=args.sources, extra_flags=extra_flags)
     merge(base, adapter_dir, merged_dir)
     python = args.python or default_python()
     prompt, answer, gold = serve_and_ask(
-        merged_dir, python=python, port=args.port or free_port(), startup_timeout=args.startup_timeout
+        merged_dir,
+        sources=args.sources,
+        python=python,
+        port=args.port or free_port(),
+        startup_timeout=args.startup_timeout,
     )
     print("\n=== question (held out, never trained on) ===")
     print(prompt)

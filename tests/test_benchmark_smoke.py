@@ -1,10 +1,10 @@
-"""Smoke test of ``benchmarks/layer_memory.py --quick``: it runs end to end and reports sane rows.
+"""Smoke tests of the benchmarks' ``--quick`` modes (``layer_memory.py``, ``accuracy.py``, ``efficiency.py``): end to end, sane rows.
 
 Correctness only: the benchmark's numbers are never compared with each other here (wall-clock
 and RSS depend on the machine and its load). What must hold on any machine: every
 configuration produced a row, every measurement is positive, and the trainable-parameter
 counts are the method's definition (NeuroAda: exactly ``out * k``; Super-Tuning: the same
-budget as NeuroAda k=1).
+budget as NeuroAda k=1; LoRA: ``r * (in + out)``; full fine-tuning: every weight).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "layer_memory.py"
+ACCURACY_SCRIPT = REPO_ROOT / "benchmarks" / "accuracy.py"
 EXPECTED_CONFIGS = {"frozen", "neuroada_k1", "neuroada_k20", "lora_r8", "dense_k1", "supertuning_k1"}
 
 
@@ -67,3 +68,149 @@ def test_layer_memory_quick_run_writes_complete_results(tmp_path: Path) -> None:
 
     targets = {(t["shape"], t["config"]) for t in payload["targets"]}
     assert targets == {(shape, "neuroada_k1") for shape in shapes}
+
+
+def _projection_shapes(config: dict) -> list[tuple[int, int]]:
+    """(in, out) of the 7 attention/MLP projections of every layer of a Llama-shaped model."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    layer = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden)]
+    layer += [(hidden, inter), (hidden, inter), (inter, hidden)]
+    return layer * config["num_hidden_layers"]
+
+
+def _run_accuracy_quick(output_dir: Path) -> dict:
+    completed = subprocess.run(
+        [sys.executable, str(ACCURACY_SCRIPT), "--quick", "--output-dir", str(output_dir)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads((output_dir / "accuracy-quick.json").read_text())
+
+
+def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> None:
+    payload = _run_accuracy_quick(tmp_path)
+    for name in ("accuracy-quick.md", "accuracy-quick.png", "accuracy-quick-runs.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    for key in ("machine", "command", "timestamp", "git", "loadavg_start", "loadavg_end", "settings", "verdict"):
+        assert key in payload, key
+    assert payload["machine"]["torch"] and payload["git"]["commit"]
+    assert not payload["failures"]
+    assert payload["runs_executed"] == len(payload["runs"]) == 5 and payload["runs_cached"] == 0
+    summary = payload["summary"]
+    assert list(summary) == ["zero_shot", "neuroada_k1", "neuroada_k20", "lora_r8", "full_ft"]
+
+    shapes = _projection_shapes(payload["model_config"])
+    expected = {
+        "zero_shot": 0,
+        "neuroada_k1": sum(out for _, out in shapes),
+        "neuroada_k20": sum(out * min(20, in_) for in_, out in shapes),
+        "lora_r8": sum(8 * (in_ + out) for in_, out in shapes),
+    }
+    base_total = summary["zero_shot"]["total_params"]
+    for name, row in summary.items():
+        assert row["heldout_n_questions"] == payload["settings"]["heldout_size"] == 8, name
+        assert len(row["heldout_accuracies"]) == 1 and 0.0 <= row["heldout_mean"] <= 1.0, name
+        assert row["peak_bytes"] > 0 and row["memory_loaded_bytes"] > 0, name
+        if name == "zero_shot":
+            assert row["trainable_params"] == 0 and row["chosen_lr"] is None
+            continue
+        assert row["chosen_lr"] == payload["grids"][name][0] and len(row["grid"]) == 1, name
+        assert row["train_s_mean"] > 0 and row["peak_train_bytes"] > 0, name
+        if name == "full_ft":
+            assert row["trainable_params"] == row["total_params"] == base_total
+            assert row["trainable_pct"] == 100.0
+        else:
+            assert row["trainable_params"] == expected[name], name
+            assert row["total_params"] == base_total + expected[name], name
+    trained_runs = [run for run in payload["runs"] if run["method"] != "zero_shot"]
+    assert len(trained_runs) == 4 and all(
+        run["steps_done"] == payload["settings"]["steps"] == 2 for run in trained_runs
+    )
+    assert payload["verdict"]["available"]
+
+    # Same command again: every run comes from the JSONL cache, same numbers.
+    again = _run_accuracy_quick(tmp_path)
+    assert again["runs_executed"] == 0 and again["runs_cached"] == 5
+    assert {n: r["heldout_mean"] for n, r in again["summary"].items()} == {
+        n: r["heldout_mean"] for n, r in summary.items()
+    }
+
+
+EFFICIENCY_SCRIPT = REPO_ROOT / "benchmarks" / "efficiency.py"
+EFFICIENCY_CONFIGS = {
+    "frozen_backward",
+    "full_ft",
+    "masked_ft",
+    "lora_r8",
+    "supertuning",
+    "shira",
+    "dense_neuroada_k1",
+    "neuroada_k1",
+    "neuroada_k20",
+}
+
+
+def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    completed = subprocess.run(
+        [sys.executable, str(EFFICIENCY_SCRIPT), "--quick", "--device", "cpu", "--output-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    payload = json.loads((tmp_path / "efficiency-cpu-float32-quick.json").read_text())
+    assert (tmp_path / "efficiency-cpu-float32-quick.md").is_file()
+    assert (tmp_path / "efficiency-cpu-float32-quick.png").stat().st_size > 0
+    for key in ("machine", "command", "timestamp", "git", "loadavg_start", "rows", "targets", "models"):
+        assert key in payload, key
+    for key in ("cpu_model", "logical_cores", "ram_gib", "torch", "transformers", "peft", "python"):
+        assert payload["machine"][key], key
+
+    rows = payload["rows"]
+    assert not [row for row in rows if "error" in row]
+    models = {spec["key"]: spec for spec in payload["models"]}
+    assert set(models) == {"smollm2", "llama7b_2l"}
+    for key, spec in models.items():
+        by_config = {row["config"]: row for row in rows if row["model"] == key}
+        assert set(by_config) == EFFICIENCY_CONFIGS, key
+        for config, row in by_config.items():
+            label = f"{key}/{config}"
+            for field in ("peak_bytes", "peak_over_weights_bytes", "loaded_bytes", "median_step_s", "median_cpu_s"):
+                assert row[field] > 0, (label, field)
+            assert row["added_over_floor_bytes"] == (
+                row["peak_over_weights_bytes"] - by_config["frozen_backward"]["peak_over_weights_bytes"]
+            ), label
+            if config == "frozen_backward":
+                assert row["trainable_params"] == 0 and row["optimizer_params"] == 0, label
+                continue
+            assert row["trainable_params"] > 0 and row["optimizer_params"] >= row["trainable_params"], label
+            assert 0 < row["trainable_pct"] <= 100, label
+            assert row["time_vs_lora"] > 0 and row["peak_over_weights_vs_lora"] > 0, label
+
+        # Exact budgets, computed from the model's config (not from what the script reports).
+        dims = _projection_shapes(spec["llama"])
+        out_sum = sum(out for _, out in dims)
+        in_out_sum = sum(i + o for i, o in dims)
+        assert by_config["neuroada_k1"]["trainable_params"] == out_sum, key
+        assert by_config["neuroada_k1"]["optimizer_params"] == out_sum, key
+        assert by_config["neuroada_k20"]["trainable_params"] == 20 * out_sum, key
+        assert by_config["dense_neuroada_k1"]["trainable_params"] == out_sum, key
+        assert by_config["supertuning"]["trainable_params"] == out_sum, key
+        assert by_config["masked_ft"]["trainable_params"] == out_sum, key
+        assert by_config["masked_ft"]["optimizer_params"] == sum(i * o for i, o in dims), key
+        assert by_config["lora_r8"]["trainable_params"] == 8 * in_out_sum, key
+        assert by_config["shira"]["trainable_params"] == payload["shira_r"] * in_out_sum, key
+        assert by_config["full_ft"]["trainable_pct"] == 100.0, key
+
+    targets = [t for t in payload["targets"] if t["model"] == "smollm2"]
+    assert len(targets) == 4 and all(t["binding"] and t["value"] > 0 for t in targets)

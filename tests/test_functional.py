@@ -105,3 +105,74 @@ def test_merged_entries_round_once_to_weight_dtype():
     merged = merged_entries(original, theta)
     assert merged.dtype == torch.bfloat16
     assert merged.tolist() == (original.float() + theta).to(torch.bfloat16).tolist()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    out_features=st.integers(1, 12),
+    in_features=st.integers(1, 12),
+    k=st.integers(1, 4),
+    chunk=st.sampled_from([1, 7, 1 << 22]),
+)
+def test_compact_saved_columns_give_the_dense_reference_gradients(seed, out_features, in_features, k, chunk):
+    """Keeping only x[..., columns] for backward changes no number (random indices, shared across rows)."""
+    k = min(k, in_features)
+    x, weight, bias, theta, _ = _case(seed, (2, 3), out_features, in_features, k)
+    g = torch.Generator().manual_seed(seed + 7)
+    # Distinct within a row (as every selection and checkpoint is), freely repeated across rows.
+    indices = torch.stack([torch.randperm(in_features, generator=g)[:k] for _ in range(out_features)])
+    share = functional.COMPACT_SAVE_MAX_SHARE
+    functional.COMPACT_SAVE_MAX_SHARE = 1.0  # compact whatever the share, to exercise the path
+    try:
+        compact = functional.compact_columns(indices, in_features)
+    finally:
+        functional.COMPACT_SAVE_MAX_SHARE = share
+    assert compact is not None
+    columns, local = compact
+    assert torch.equal(columns[local], indices)
+
+    x_ref, theta_ref = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    x_new, theta_new = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    y_ref = dense_reference(x_ref, weight, bias, theta_ref, indices)
+    original = functional._CHUNK_ELEMENTS
+    functional._CHUNK_ELEMENTS = chunk
+    try:
+        y_new = torch.nn.functional.linear(x_new, weight, bias) + sparse_bypass(x_new, theta_new, indices, compact)
+        upstream = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=y_ref.dtype)
+        (y_ref * upstream).sum().backward()
+        (y_new * upstream).sum().backward()
+    finally:
+        functional._CHUNK_ELEMENTS = original
+    torch.testing.assert_close(y_new, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(theta_new.grad, theta_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def _saved_shapes(fn):
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+def test_only_the_selected_columns_are_kept_for_backward():
+    """A selection reading 2 of 64 inputs keeps [tokens, 2] for backward, not the [tokens, 64] input."""
+    indices = torch.tensor([[3], [40], [3], [40], [3]])
+    compact = functional.compact_columns(indices, 64)
+    assert compact is not None and compact[0].tolist() == [3, 40]
+    x = torch.randn(4, 6, 64, requires_grad=True)
+    theta = torch.randn(5, 1, requires_grad=True)
+    shapes = _saved_shapes(lambda: sparse_bypass(x, theta, indices, compact))
+    assert (24, 2) in shapes and (4, 6, 64) not in shapes
+    # Frozen theta: dL/dx needs no input at all.
+    frozen = theta.detach()
+    assert (4, 6, 64) not in _saved_shapes(lambda: sparse_bypass(x, frozen, indices))
+    # Above the share the whole input is kept (no copy).
+    assert functional.compact_columns(torch.arange(40).view(40, 1), 64) is None
+    assert (4, 6, 64) in _saved_shapes(lambda: sparse_bypass(x, theta, indices))

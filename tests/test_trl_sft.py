@@ -260,3 +260,25 @@ def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     assert cs.paired_change(before, after).summary() in printed
     assert f"trainable parameters: {expected_trainable:,} of" in printed
     assert f"adapter saved to: {(tmp_path / 'out').resolve()}" in printed
+
+
+def test_merged_evaluation_matches_the_adapter_and_restores_weights(tiny_llama_dir):
+    """trl_support.evaluate merges float32 adapters for speed: same scores, weights restored bit for bit."""
+    from peft import get_peft_model
+
+    from neuroada_plugin.trl_support import merged_for_inference
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = get_peft_model(base, NeuroAdaConfig(init_weights=False))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    questions = cs.make_splits(cs.load_questions("csqa,piqa")).heldout[:5]
+    unmerged = cs.evaluate_multiple_choice(model, tokenizer, questions)
+    with merged_for_inference(model):
+        assert all(layer.merged for layer in model.modules() if hasattr(layer, "neuroada_theta"))
+        merged = cs.evaluate_multiple_choice(model, tokenizer, questions)
+    assert not any(layer.merged for layer in model.modules() if hasattr(layer, "neuroada_theta"))
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    for a, b in zip(merged.scores, unmerged.scores, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert merged.predictions == unmerged.predictions

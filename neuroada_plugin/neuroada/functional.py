@@ -3,8 +3,9 @@
 The official code (and PEFT's Super-Tuning/SHiRA) computes ``x @ (W + scatter(theta)).T``,
 which materialises a weight-sized tensor per layer and per call and keeps it alive for
 backward. Here the bypass is a gather plus a multiply: forward and backward touch only
-``tokens x out x k`` values, and the only tensor kept for backward is ``x`` (which the
-frozen base matmul keeps anyway). Gradients (with ``g = dL/d delta``):
+``tokens x out x k`` values, and the only tensor kept for backward is the input (only when
+theta trains, and only the columns the selection reads when they are few, see
+:func:`compact_columns`). Gradients (with ``g = dL/d delta``):
 
 * ``dL/dtheta[i, j] = sum_t g[t, i] * x[t, idx[i, j]]``
 * ``dL/dx[t, c]    = sum_{(i, j): idx[i, j] = c} g[t, i] * theta[i, j]`` (an index_add)
@@ -23,6 +24,25 @@ import torch
 # neurons x connection columns), 16 MiB in fp32. At least one row and one column whatever the
 # bound; the output and dL/dx themselves are the only tensors allowed to be larger.
 _CHUNK_ELEMENTS = 1 << 22
+
+# Keep only the selected input columns for backward when they are at most this share of the input.
+# Magnitude selection concentrates on few inputs (SmolLM2, k=1: k/v/down projections read ~25% of
+# their inputs, o ~44%), and dL/dtheta needs nothing else. Above the share, the whole input is
+# kept instead: it costs no copy and is often kept alive by a sibling (q/k/v share one input).
+COMPACT_SAVE_MAX_SHARE = 0.5
+
+
+def compact_columns(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(columns, local_indices)`` for saving only the columns ``indices`` reads, or ``None``.
+
+    ``columns`` are the sorted distinct input columns, ``local_indices`` (shape of ``indices``)
+    point into them, so ``x[..., indices] == x[..., columns][..., local_indices]``. ``None``
+    when the distinct columns exceed ``COMPACT_SAVE_MAX_SHARE`` of ``in_features``.
+    """
+    columns, local_indices = torch.unique(indices, sorted=True, return_inverse=True)
+    if columns.numel() > COMPACT_SAVE_MAX_SHARE * in_features:
+        return None
+    return columns, local_indices.view_as(indices)
 
 
 def _blocks(tokens: int, out_features: int, k: int) -> tuple[int, int]:
@@ -53,7 +73,13 @@ class SparseBypass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        theta: torch.Tensor,
+        indices: torch.Tensor,
+        compact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         out_features, k = indices.shape
         compute_dtype = torch.promote_types(x.dtype, theta.dtype)
         x2d = x.reshape(-1, x.shape[-1])
@@ -93,41 +119,54 @@ class SparseBypass(torch.autograd.Function):
                     torch.sum(block, -1, out=delta_block)
                 else:
                     delta_block.add_(block.sum(-1))
-        ctx.save_for_backward(x, theta, indices)
+        # dL/dx needs only theta and the indices; dL/dtheta needs the selected input columns.
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
+        ctx.compact = compact is not None and ctx.needs_input_grad[1]
+        if not ctx.needs_input_grad[1]:
+            saved_x, gather_indices = None, indices
+        elif ctx.compact:
+            saved_x, gather_indices = x2d.index_select(1, compact[0]), compact[1]
+        else:
+            saved_x, gather_indices = x, indices
+        ctx.save_for_backward(saved_x, theta, indices, gather_indices)
         return delta.view(*x.shape[:-1], out_features)
 
     @staticmethod
-    def backward(ctx: Any, grad_delta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, theta, indices = ctx.saved_tensors
+    def backward(ctx: Any, grad_delta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        saved_x, theta, indices, gather_indices = ctx.saved_tensors
+        input_shape, input_dtype = ctx.input_shape, ctx.input_dtype
         out_features, k = indices.shape
-        compute_dtype = torch.promote_types(x.dtype, theta.dtype)
-        x2d = x.reshape(-1, x.shape[-1])
-        tokens = x2d.shape[0]
+        compute_dtype = torch.promote_types(input_dtype, theta.dtype)
+        tokens = grad_delta.numel() // out_features
+        # The rows dL/dtheta gathers from: the whole input, or only its selected columns.
+        x2d = saved_x.reshape(tokens, -1) if saved_x is not None else None
         g = grad_delta.reshape(tokens, out_features).to(compute_dtype)
         want_x, want_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         theta_c = theta.to(compute_dtype)
         rows, cols = _blocks(tokens, out_features, k)
 
-        grad_theta = torch.zeros(out_features, k, dtype=compute_dtype, device=x.device) if want_theta else None
+        device = grad_delta.device
+        grad_theta = torch.zeros(out_features, k, dtype=compute_dtype, device=device) if want_theta else None
         # Allocated in x's own shape and returned as is (not as a view of a 2-D tensor): autograd
         # can then add the frozen path's dL/dx into it in place instead of allocating a third
         # [tokens, in] tensor (in-place accumulation needs the sole owner of a storage).
-        grad_x = torch.zeros(x.shape, dtype=compute_dtype, device=x.device) if want_x else None
+        grad_x = torch.zeros(input_shape, dtype=compute_dtype, device=device) if want_x else None
         grad_x2d = grad_x.view(tokens, -1) if grad_x is not None else None
-        work = torch.empty(rows * out_features * cols, dtype=compute_dtype, device=x.device)
-        same_dtype = x.dtype == compute_dtype
-        gather_buffer = work if same_dtype or not want_theta else torch.empty_like(work, dtype=x.dtype)
+        work = torch.empty(rows * out_features * cols, dtype=compute_dtype, device=device)
+        same_dtype = input_dtype == compute_dtype
+        gather_buffer = work if same_dtype or not want_theta else torch.empty_like(work, dtype=input_dtype)
+        blocks = list(zip(_column_blocks(indices, cols), _column_blocks(gather_indices, cols), strict=True))
         for start in range(0, tokens, rows):
             stop = min(tokens, start + rows)
             n = stop - start
-            x_block, g_block = x2d[start:stop], g[start:stop].unsqueeze(-1)
-            for c0, c1, flat in _column_blocks(indices, cols):
+            g_block = g[start:stop].unsqueeze(-1)
+            for (c0, c1, flat), (_, _, gather_flat) in blocks:
                 size = n * out_features * (c1 - c0)
                 block = work[:size].view(n, out_features, c1 - c0)
                 if want_theta:
                     # dL/dtheta[i, j] = sum_t g[t, i] * x[t, idx[i, j]], accumulated in compute dtype
                     gathered = gather_buffer[:size].view(n, -1)
-                    torch.index_select(x_block, 1, flat, out=gathered)
+                    torch.index_select(x2d[start:stop], 1, gather_flat, out=gathered)
                     if same_dtype:
                         block.mul_(g_block)
                     else:
@@ -140,24 +179,31 @@ class SparseBypass(torch.autograd.Function):
 
         del grad_x2d
         if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
+            grad_x = grad_x.to(input_dtype)
         if grad_theta is not None:
             grad_theta = grad_theta.to(theta.dtype)
-        return grad_x, grad_theta, None
+        return grad_x, grad_theta, None, None
 
 
-def sparse_bypass(x: torch.Tensor, theta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def sparse_bypass(
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    indices: torch.Tensor,
+    compact: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Return ``delta`` with ``delta[..., i] = sum_j theta[i, j] * x[..., indices[i, j]]``.
 
     Args:
         x: Input ``[..., in]``.
         theta: Trainable values ``[out, k]``.
         indices: ``int64`` input indices ``[out, k]``.
+        compact: :func:`compact_columns` of ``indices`` (computed once per layer by the caller):
+            backward then keeps ``x[..., columns]`` instead of ``x``. Same results either way.
 
     Returns:
         ``[..., out]`` in ``promote(x.dtype, theta.dtype)``; no ``[out, in]`` tensor is built.
     """
-    return SparseBypass.apply(x, theta, indices)
+    return SparseBypass.apply(x, theta, indices, compact)
 
 
 def merged_entries(original: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import AdapterCheckpointError, MergeError
 from .config import NeuroAdaConfig
-from .functional import merged_entries, sparse_bypass
+from .functional import compact_columns, merged_entries, sparse_bypass
 from .selection import select_connections
 
 _PEFT_MODEL_PREFIX = "base_model.model."
@@ -120,6 +120,20 @@ class NeuroAdaLayer(BaseTunerLayer):
             )
         return indices
 
+    def _compact_columns(self, adapter_name: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`compact_columns` of the adapter's indices, computed once per indices tensor.
+
+        Keyed by the tensor's storage, version and device, so a reload, an in-place edit or a
+        device move recomputes it (``torch.unique`` synchronises a GPU: not once per step).
+        """
+        cache = self.__dict__.setdefault("_neuroada_compact_cache", {})
+        key = (indices.data_ptr(), indices._version, indices.device, tuple(indices.shape))
+        cached = cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, compact_columns(indices, self.in_features))
+            cache[adapter_name] = cached
+        return cached[1]
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``[out, in]`` update of ``adapter_name`` (in theta's dtype).
 
@@ -216,7 +230,9 @@ class Linear(nn.Module, NeuroAdaLayer):
         for name in self.active_adapters:
             if name not in self.neuroada_theta:
                 continue
-            delta = sparse_bypass(x, self.neuroada_theta[name], self._checked_indices(name))
+            theta, indices = self.neuroada_theta[name], self._checked_indices(name)
+            compact = self._compact_columns(name, indices) if theta.requires_grad and torch.is_grad_enabled() else None
+            delta = sparse_bypass(x, theta, indices, compact)
             result = result + delta.to(result.dtype)
         return result
 

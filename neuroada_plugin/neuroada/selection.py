@@ -57,10 +57,41 @@ def select_connections(
     step = _rows_per_block(in_features)
     for start in range(0, out_features, step):
         block = weight[start : start + step].abs()
-        # A stable sort ranks equal magnitudes by input index, the same on every device.
-        order = torch.sort(block, dim=1, descending=descending, stable=True).indices[:, :k]
-        result[start : start + step] = order.sort(dim=1).values
+        result[start : start + step] = _top_k_lowest_index_ties(block, k, descending)
     return result
+
+
+def _top_k_lowest_index_ties(magnitudes: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Ascending column indices of each row's k largest (or smallest) values, ties to the lower index.
+
+    ``topk`` finds each row's k-th value (O(in) per row, not a full sort); every entry strictly
+    beyond it is taken, and entries equal to it fill the remaining places from the lowest index
+    up. That is exactly what a stable sort would pick. Rows with NaN take the stable-sort path.
+    """
+    rows, _ = magnitudes.shape
+    kth = magnitudes.topk(k, dim=1, largest=largest, sorted=True).values[:, -1:]
+    beyond = magnitudes > kth if largest else magnitudes < kth
+    equal = magnitudes == kth
+    missing = k - beyond.sum(dim=1, keepdim=True)
+    chosen = beyond
+    tied_rows = (equal.sum(dim=1, keepdim=True) > missing).squeeze(1)
+    if bool(tied_rows.any()):
+        # Only rows where more entries equal the k-th value than places are left need a rank.
+        rank = equal[tied_rows].to(torch.int32).cumsum(dim=1, dtype=torch.int32)
+        chosen = beyond.clone()
+        chosen[tied_rows] |= equal[tied_rows] & (rank <= missing[tied_rows])
+        chosen[~tied_rows] |= equal[~tied_rows]
+    else:
+        chosen |= equal
+    # NaN ranks above every number in a sort but equals nothing here: such rows take the sort path.
+    valid = (chosen.sum(dim=1) == k) & ~magnitudes.isnan().any(dim=1)
+    columns = torch.empty(rows, k, dtype=torch.int64, device=magnitudes.device)
+    if bool(valid.all()):
+        return chosen.nonzero()[:, 1].view(rows, k)  # row-major: ascending columns per row
+    columns[valid] = chosen[valid].nonzero()[:, 1].view(-1, k)
+    order = torch.sort(magnitudes[~valid], dim=1, descending=largest, stable=True).indices[:, :k]
+    columns[~valid] = order.sort(dim=1).values
+    return columns
 
 
 def _random_rows(out_features: int, in_features: int, k: int, seed: int, salt: str) -> torch.Tensor:
