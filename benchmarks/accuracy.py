@@ -394,9 +394,17 @@ class Runner:
     """Runs (or takes from the cache) each planned run, printing a progress line with an ETA."""
 
     def __init__(
-        self, settings: Settings, cache: RunCache, total_estimate_s: float, timeout_s: float, threads: int | None
+        self,
+        settings: Settings,
+        cache: RunCache,
+        total_estimate_s: float,
+        timeout_s: float,
+        threads: int | None,
+        cached_only: bool = False,
     ) -> None:
         self.settings, self.cache, self.timeout_s, self.threads = settings, cache, timeout_s, threads
+        self.cached_only = cached_only
+        self.not_run: list[dict[str, Any]] = []  # --cached-only: planned runs with no cached result
         self.remaining_estimate_s = total_estimate_s
         self.measured_s = self.measured_estimate_s = 0.0
         self.index = self.executed = self.cached = 0
@@ -420,6 +428,10 @@ class Runner:
             self.cached += 1
             self.used.append(cached)
             return cached
+        if self.cached_only:
+            print(f"{label}: not run (--cached-only)", flush=True)
+            self.not_run.append(dataclasses.asdict(key))
+            return None
         if self.context is None:  # children fork from a server that imported the libraries once
             self.context = forkserver_context(
                 ["torch", "transformers", "peft", "datasets", "trl", "neuroada_plugin", "neuroada_plugin.commonsense"]
@@ -657,6 +669,12 @@ def markdown_report(payload: dict[str, Any]) -> list[str]:
         md += ["", f"Chosen learning rate at the edge of its grid (the optimum may lie outside): {', '.join(edges)}."]
     if payload["failures"]:
         md += ["", f"**{len(payload['failures'])} run(s) failed**; see the JSON file."]
+    if payload.get("not_run"):
+        missing = ", ".join(f"{r['method']} seed {r['seed']}" for r in payload["not_run"])
+        md += [
+            "",
+            f"**Incomplete** (`--cached-only`): {len(payload['not_run'])} planned run(s) not run yet: {missing}.",
+        ]
     if payload.get("plot"):
         md += ["", f"![held-out accuracy per method]({payload['plot']})"]
     return [*md, ""]
@@ -765,6 +783,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grid", action="append", default=[], metavar="METHOD=LR,LR", help="override a method's lr grid"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and time estimate, run nothing")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: write the report from the runs already finished (the rest are listed as not run)",
+    )
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--threads", type=int, help="torch threads per run (default: torch's; quick: 1, robust to a busy machine)"
@@ -845,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"  {key.method} lr={lr} seed={key.seed} scored on {'+'.join(key.evaluate)}: {status}")
             return {"plan": [dataclasses.asdict(k) for k in plan], "estimate_s": pending_estimate}
         threads = args.threads or (1 if args.quick else None)
-        runner = Runner(settings, cache, pending_estimate, args.timeout, threads)
+        runner = Runner(settings, cache, pending_estimate, args.timeout, threads, cached_only=args.cached_only)
         loadavg_start = loadavg()
         runs_by_method: dict[str, list[dict[str, Any]]] = {}
         summaries: dict[str, dict[str, Any]] = {}
@@ -897,6 +920,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "summary": summaries,
             "verdict": verdict(summaries, runs_by_method),
             "failures": runner.failures,
+            "not_run": runner.not_run,
             "runs": [_strip(r) for r in runner.used],
         }
     args.output_dir.mkdir(parents=True, exist_ok=True)
