@@ -21,17 +21,21 @@ ACCURACY_SCRIPT = REPO_ROOT / "benchmarks" / "accuracy.py"
 EXPECTED_CONFIGS = {"frozen", "neuroada_k1", "neuroada_k20", "lora_r8", "dense_k1", "supertuning_k1"}
 
 
-def test_layer_memory_quick_run_writes_complete_results(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def _run_quick(script: Path, output_dir: Path, *extra: str) -> None:
+    """Run a benchmark script's ``--quick`` mode in a fresh interpreter; fail with its output tail."""
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--output-dir", str(tmp_path)],
+        [sys.executable, str(script), "--quick", *extra, "--output-dir", str(output_dir)],
         cwd=REPO_ROOT,
-        env=env,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+def test_layer_memory_quick_run_writes_complete_results(tmp_path: Path) -> None:
+    _run_quick(SCRIPT, tmp_path, "--device", "cpu")
 
     payload = json.loads((tmp_path / "layer_memory-cpu-float32-quick.json").read_text())
     assert (tmp_path / "layer_memory-cpu-float32-quick.md").is_file()
@@ -81,15 +85,7 @@ def _projection_shapes(config: dict) -> list[tuple[int, int]]:
 
 
 def _run_accuracy_quick(output_dir: Path) -> dict:
-    completed = subprocess.run(
-        [sys.executable, str(ACCURACY_SCRIPT), "--quick", "--output-dir", str(output_dir)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    _run_quick(ACCURACY_SCRIPT, output_dir)
     return json.loads((output_dir / "accuracy-quick.json").read_text())
 
 
@@ -157,16 +153,7 @@ EFFICIENCY_CONFIGS = {
 
 
 def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    completed = subprocess.run(
-        [sys.executable, str(EFFICIENCY_SCRIPT), "--quick", "--device", "cpu", "--output-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    _run_quick(EFFICIENCY_SCRIPT, tmp_path, "--device", "cpu")
 
     payload = json.loads((tmp_path / "efficiency-cpu-float32-quick.json").read_text())
     assert (tmp_path / "efficiency-cpu-float32-quick.md").is_file()

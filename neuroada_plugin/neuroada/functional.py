@@ -121,10 +121,9 @@ class SparseBypass(torch.autograd.Function):
                     delta_block.add_(block.sum(-1))
         # dL/dx needs only theta and the indices; dL/dtheta needs the selected input columns.
         ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
-        ctx.compact = compact is not None and ctx.needs_input_grad[1]
         if not ctx.needs_input_grad[1]:
             saved_x, gather_indices = None, indices
-        elif ctx.compact:
+        elif compact is not None:
             saved_x, gather_indices = x2d.index_select(1, compact[0]), compact[1]
         else:
             saved_x, gather_indices = x, indices

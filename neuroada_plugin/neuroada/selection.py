@@ -85,9 +85,9 @@ def _top_k_lowest_index_ties(magnitudes: torch.Tensor, k: int, largest: bool) ->
         chosen |= equal
     # NaN ranks above every number in a sort but equals nothing here: such rows take the sort path.
     valid = (chosen.sum(dim=1) == k) & ~magnitudes.isnan().any(dim=1)
-    columns = torch.empty(rows, k, dtype=torch.int64, device=magnitudes.device)
     if bool(valid.all()):
         return chosen.nonzero()[:, 1].view(rows, k)  # row-major: ascending columns per row
+    columns = torch.empty(rows, k, dtype=torch.int64, device=magnitudes.device)
     columns[valid] = chosen[valid].nonzero()[:, 1].view(-1, k)
     order = torch.sort(magnitudes[~valid], dim=1, descending=largest, stable=True).indices[:, :k]
     columns[~valid] = order.sort(dim=1).values
