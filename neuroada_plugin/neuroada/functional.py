@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .csr_bypass import CsrBypass, CsrPattern, csr_path_supported
+
 # Upper bound (elements) of each work buffer: a block of [rows, out, cols] (token rows x output
 # neurons x connection columns), 16 MiB in fp32. At least one row and one column whatever the
 # bound; the output and dL/dx themselves are the only tensors allowed to be larger.
@@ -138,7 +140,7 @@ class SparseBypass(torch.autograd.Function):
         compute_dtype = torch.promote_types(input_dtype, theta.dtype)
         tokens = grad_delta.numel() // out_features
         # The rows dL/dtheta gathers from: the whole input, or only its selected columns.
-        x2d = saved_x.reshape(tokens, -1) if saved_x is not None else None
+        x2d = saved_x.reshape(tokens, saved_x.shape[-1]) if saved_x is not None else None
         g = grad_delta.reshape(tokens, out_features).to(compute_dtype)
         want_x, want_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         theta_c = theta.to(compute_dtype)
@@ -150,7 +152,7 @@ class SparseBypass(torch.autograd.Function):
         # can then add the frozen path's dL/dx into it in place instead of allocating a third
         # [tokens, in] tensor (in-place accumulation needs the sole owner of a storage).
         grad_x = torch.zeros(input_shape, dtype=compute_dtype, device=device) if want_x else None
-        grad_x2d = grad_x.view(tokens, -1) if grad_x is not None else None
+        grad_x2d = grad_x.view(tokens, input_shape[-1]) if grad_x is not None else None
         work = torch.empty(rows * out_features * cols, dtype=compute_dtype, device=device)
         same_dtype = input_dtype == compute_dtype
         gather_buffer = work if same_dtype or not want_theta else torch.empty_like(work, dtype=input_dtype)
@@ -189,6 +191,7 @@ def sparse_bypass(
     theta: torch.Tensor,
     indices: torch.Tensor,
     compact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    csr: CsrPattern | None = None,
 ) -> torch.Tensor:
     """Return ``delta`` with ``delta[..., i] = sum_j theta[i, j] * x[..., indices[i, j]]``.
 
@@ -198,10 +201,15 @@ def sparse_bypass(
         indices: ``int64`` input indices ``[out, k]``.
         compact: :func:`compact_columns` of ``indices`` (computed once per layer by the caller):
             backward then keeps ``x[..., columns]`` instead of ``x``. Same results either way.
+        csr: :func:`~.csr_bypass.csr_pattern` of ``indices`` (built once per layer by the
+            caller, with the same ``compact``): run the SpMM/SDDMM path where it is supported
+            (:func:`~.csr_bypass.csr_path_supported`), the gather path otherwise.
 
     Returns:
         ``[..., out]`` in ``promote(x.dtype, theta.dtype)``; no ``[out, in]`` tensor is built.
     """
+    if csr is not None and csr_path_supported(x, theta):
+        return CsrBypass.apply(x, theta, csr)
     return SparseBypass.apply(x, theta, indices, compact)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..errors import AdapterCheckpointError, MergeError
 from .config import NeuroAdaConfig
+from .csr_bypass import CSR_MIN_K, CsrPattern, csr_path_supported, csr_pattern
 from .functional import compact_columns, merged_entries, sparse_bypass
 from .selection import select_connections
 
@@ -120,19 +122,29 @@ class NeuroAdaLayer(BaseTunerLayer):
             )
         return indices
 
-    def _compact_columns(self, adapter_name: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """:func:`compact_columns` of the adapter's indices, computed once per indices tensor.
+    def _derived_from_indices(self, adapter_name: str, kind: str, build: Callable[[], Any]) -> Any:
+        """``build()`` computed once per indices tensor of ``adapter_name`` (``kind`` names the result).
 
         Keyed by the tensor's storage, version and device, so a reload, an in-place edit or a
-        device move recomputes it (``torch.unique`` synchronises a GPU: not once per step).
+        device move recomputes it (``torch.unique`` and sorting synchronise a GPU: not once per step).
         """
-        cache = self.__dict__.setdefault("_neuroada_compact_cache", {})
+        indices = self.neuroada_indices[adapter_name]
+        cache = self.__dict__.setdefault("_neuroada_indices_cache", {})
         key = (indices.data_ptr(), indices._version, indices.device, tuple(indices.shape))
-        cached = cache.get(adapter_name)
+        cached = cache.get((adapter_name, kind))
         if cached is None or cached[0] != key:
-            cached = (key, compact_columns(indices, self.in_features))
-            cache[adapter_name] = cached
+            cached = (key, build())
+            cache[(adapter_name, kind)] = cached
         return cached[1]
+
+    def _compact_columns(self, adapter_name: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`compact_columns` of the adapter's indices (cached)."""
+        return self._derived_from_indices(adapter_name, "compact", lambda: compact_columns(indices, self.in_features))
+
+    def _csr_pattern(self, adapter_name: str, indices: torch.Tensor) -> CsrPattern:
+        """:func:`csr_pattern` of the adapter's indices, over its compact columns (cached)."""
+        compact = self._compact_columns(adapter_name, indices)
+        return self._derived_from_indices(adapter_name, "csr", lambda: csr_pattern(indices, self.in_features, compact))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``[out, in]`` update of ``adapter_name`` (in theta's dtype).
@@ -202,6 +214,8 @@ class NeuroAdaLayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         self._merge_backup.pop(adapter_name, None)
         self._pending_selection.pop(adapter_name, None)
+        for kind in ("compact", "csr"):
+            self.__dict__.get("_neuroada_indices_cache", {}).pop((adapter_name, kind), None)
         super().delete_adapter(adapter_name)
 
 
@@ -232,7 +246,9 @@ class Linear(nn.Module, NeuroAdaLayer):
                 continue
             theta, indices = self.neuroada_theta[name], self._checked_indices(name)
             compact = self._compact_columns(name, indices) if theta.requires_grad and torch.is_grad_enabled() else None
-            delta = sparse_bypass(x, theta, indices, compact)
+            use_csr = indices.shape[1] >= CSR_MIN_K and csr_path_supported(x, theta)
+            csr = self._csr_pattern(name, indices) if use_csr else None
+            delta = sparse_bypass(x, theta, indices, compact, csr)
             result = result + delta.to(result.dtype)
         return result
 
