@@ -51,19 +51,21 @@ activations + temporaries, what training adds to the weights. The issue's ratios
 latter (interpreter and frozen weights are the same for every configuration and only dilute
 differences); total-peak ratios are shown next to them.
 
-Time (a second fresh process per configuration, DEFAULT allocator: one mmap per block costs
-page faults, measured +30-50% step time on CPU): median wall-clock of ``--steps`` steps after
-the warm-up, plus process CPU time per step. ``OMP_WAIT_POLICY=PASSIVE`` unless set: on a
+Time (fresh processes of their own, DEFAULT allocator: one mmap per block costs page faults,
+measured +30-50% step time on CPU): ``--rounds`` timing processes per configuration (default 2),
+the rounds alternating the order of configurations (forward, then backward) so that a drift of
+the machine's speed weighs on all alike; median wall-clock over the ``--steps`` steps of every
+round (each after its warm-up), per-round medians alongside, plus process CPU time per step.
+``OMP_WAIT_POLICY=PASSIVE`` unless set: on a
 shared machine, spinning OpenMP workers waiting at every op's barrier for a thread descheduled
 by another process made SmolLM2 steps 8x slower (and tiny-model steps 100x) than sleeping
 ones, a distortion that grows with the number of small ops (PEFT adapters, per-tensor AdamW).
-Configurations run one after another, so load from other processes is recorded per child
-(load average at its start and end) and should be read alongside; ``--quick`` times the
-memory process's steps instead (``--shared-process``).
+Load from other processes is recorded per child (load average at its start and end) and
+should be read alongside; ``--quick`` times the memory process's steps instead
+(``--shared-process``, one round).
 
-Run ``python benchmarks/efficiency.py`` (full: about 15 minutes on 2 quiet CPU cores, 25-30
-under a load average of ~4) or ``--quick`` (tiny stand-ins for both models, 1 measured step,
-< 1 min). Options: ``--models``, ``--configs``, ``--steps``, ``--warmup``, ``--batch``/``--seq``
+Run ``python benchmarks/efficiency.py`` (full: about 30 minutes on 2 quiet CPU cores) or ``--quick`` (tiny stand-ins for both models, 1 measured step,
+< 1 min). Options: ``--models``, ``--configs``, ``--steps``, ``--warmup``, ``--rounds``, ``--batch``/``--seq``
 (override every selected model's), ``--device auto|cpu|cuda``, ``--dtype float32|bfloat16``.
 Results: ``benchmarks/results/efficiency-<device>-<dtype>[-quick].{json,md,png}``.
 """
@@ -423,6 +425,7 @@ def run_config(job: dict[str, Any]) -> dict[str, Any]:
     if measure != "memory":
         result.update(
             step_times_s=wall,
+            cpu_times_s=cpu,
             median_step_s=statistics.median(wall),
             min_step_s=min(wall),
             median_cpu_s=statistics.median(cpu),
@@ -433,30 +436,74 @@ def run_config(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_both(context: Any, job: dict[str, Any], separate_timing: bool, timeout_s: float) -> tuple[dict[str, Any], str]:
-    """One configuration's row: a memory run and a timing run (or one shared run); returns (row, status)."""
-    runs = [("memory", job["mem_steps"]), ("timing", job["steps"])] if separate_timing else [("both", job["steps"])]
-    row: dict[str, Any] = {}
-    for measure, steps in runs:
-        result = run_isolated(context, run_config, {**job, "measure": measure, "steps": steps}, timeout_s)
-        if not result["ok"]:
-            spec = job["model"]["key"]
-            return {"model": spec, "config": job["config"], "error": f"{measure} run: {result['error']}"}, result[
-                "error"
-            ]
-        loads = result["result"].pop("loadavg")
-        if measure != "timing":
-            row["memory_loadavg"] = loads
-        if measure != "memory":
-            row["timing_loadavg"] = loads
-        if measure == "timing":
-            result["result"]["timing_losses"] = result["result"].pop("losses")
-        row.update(result["result"])
-    status = (
-        f"peak over weights {row['peak_over_weights_bytes'] / MIB:,.0f} MiB, "
-        f"step {row['median_step_s']:.2f} s, loss {row['losses'][-1]:.3f}"
-    )
-    return row, status
+def run_measure(context: Any, job: dict[str, Any], measure: str, timeout_s: float) -> dict[str, Any]:
+    """One fresh process running ``measure`` ("memory", "timing" or "both") for one configuration."""
+    steps = job["mem_steps"] if measure == "memory" else job["steps"]
+    result = run_isolated(context, run_config, {**job, "measure": measure, "steps": steps}, timeout_s)
+    if not result["ok"]:
+        return {"model": job["model"]["key"], "config": job["config"], "error": f"{measure} run: {result['error']}"}
+    return result["result"]
+
+
+def add_timing_round(row: dict[str, Any], timing: dict[str, Any]) -> None:
+    """Fold one timing process's steps into ``row``: medians are over the steps of every round."""
+    row.setdefault("timing_loadavg", []).append(timing["loadavg"])
+    row.setdefault("timing_losses", []).append(timing["losses"])
+    row.setdefault("round_median_step_s", []).append(timing["median_step_s"])
+    row["step_times_s"] = row.get("step_times_s", []) + timing["step_times_s"]
+    row["cpu_times_s"] = row.get("cpu_times_s", []) + timing["cpu_times_s"]
+    row["median_step_s"] = statistics.median(row["step_times_s"])
+    row["min_step_s"] = min(row["step_times_s"])
+    row["median_cpu_s"] = statistics.median(row["cpu_times_s"])
+    row["timing_allocator"] = timing["timing_allocator"]
+
+
+def run_model(
+    context: Any, jobs: list[dict[str, Any]], separate_timing: bool, rounds: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    """All configurations of one model: a memory process each, then ``rounds`` timing processes each.
+
+    Timing rounds alternate the order of configurations (forward, backward, forward, ...), so a
+    drift of the machine's speed over the run (other tenants, thermal) weighs on every
+    configuration alike instead of on whichever ran during the slow minutes.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        measured = run_measure(context, job, "memory" if separate_timing else "both", timeout_s)
+        if "error" in measured:
+            rows[job["config"]] = measured
+            print(f"[{job['model']['key']} {job['config']}] {measured['error']}", file=sys.stderr, flush=True)
+            continue
+        row = dict(measured)
+        row["memory_loadavg"] = row.pop("loadavg")
+        if not separate_timing:  # the steps just measured are the (only) timing round
+            row.pop("step_times_s"), row.pop("cpu_times_s")
+            add_timing_round(row, {**measured, "loadavg": row["memory_loadavg"]})
+        rows[job["config"]] = row
+        print(
+            f"[{job['model']['key']} {job['config']}] peak over weights "
+            f"{row['peak_over_weights_bytes'] / MIB:,.0f} MiB, loss {row['losses'][-1]:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    for round_index in range(rounds if separate_timing else 0):
+        order = jobs if round_index % 2 == 0 else jobs[::-1]
+        for job in order:
+            row = rows[job["config"]]
+            if "error" in row:
+                continue
+            timing = run_measure(context, job, "timing", timeout_s)
+            if "error" in timing:
+                rows[job["config"]] = timing
+                continue
+            add_timing_round(row, timing)
+            print(
+                f"[{job['model']['key']} {job['config']}] timing round {round_index + 1}/{rounds}: "
+                f"median step {timing['median_step_s']:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return [rows[job["config"]] for job in jobs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,22 +585,24 @@ def results_table(rows: list[dict[str, Any]], model: str) -> str:
     """Markdown table of one model's rows (errors included)."""
     lines = [
         "| config | trained entries | % of model | params with grad + AdamW state | peak MiB | peak over weights MiB "
-        "| / LoRA | added over frozen backward MiB | / LoRA | median step s | / LoRA | CPU s/step "
-        "| load avg (1 min) start-end |",
+        "| / LoRA | added over frozen backward MiB | / LoRA | median step s (per round) | / LoRA | CPU s/step "
+        "| load avg (1 min) start-end per round |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in (r for r in rows if r["model"] == model):
         if "error" in row:
             lines.append(f"| {row['config']} | ERROR: {row['error']} | | | | | | | | | | | |")
             continue
-        load = row["timing_loadavg"]
-        load_text = "-" if load[0] is None else f"{load[0][0]:.1f}-{load[1][0]:.1f}"
+        load_text = ", ".join(
+            "-" if start is None else f"{start[0]:.1f}-{end[0]:.1f}" for start, end in row["timing_loadavg"]
+        )
+        per_round = ", ".join(f"{v:.2f}" for v in row["round_median_step_s"])
         lines.append(
             f"| {row['config']} | {row['trainable_params']:,} | {row['trainable_pct']:.4f} "
             f"| {row['optimizer_params']:,} | {mib(row['peak_bytes'], 0)} | {mib(row['peak_over_weights_bytes'], 0)} "
             f"| {ratio(row.get('peak_over_weights_vs_lora'))} "
             f"| {mib(row['added_over_floor_bytes'], 0) if 'added_over_floor_bytes' in row else '-'} "
-            f"| {ratio(row.get('added_vs_lora'))} | {row['median_step_s']:.3f} "
+            f"| {ratio(row.get('added_vs_lora'))} | {row['median_step_s']:.3f} ({per_round}) "
             f"| {ratio(row.get('time_vs_lora'))} | {row['median_cpu_s']:.3f} | {load_text} |"
         )
     return "\n".join(lines)
@@ -637,8 +686,9 @@ def markdown_report(payload: dict[str, Any], models: list[ModelSpec]) -> list[st
         "temporaries. `trained entries` = weight entries that can change (for `masked_ft` the mask's, while "
         "gradients and AdamW state cover every targeted weight: next column). Super-Tuning gets exactly NeuroAda "
         "k=1's budget per layer (`out_features`); SHiRA's cannot be made equal (integer r, r*(in+out) entries "
-        f"per layer), r={SHIRA_R} is its smallest. Step times of different configurations were taken at "
-        "different moments of a possibly shared machine: read them with the load average column.",
+        f"per layer), r={SHIRA_R} is its smallest. Step time: median over "
+        f"{payload['timing_rounds']} timing process(es) per configuration x {payload['steps']} steps, rounds in "
+        "alternating order (per-round medians in brackets); read them with the load average column.",
         "",
     ]
     for spec in models:
@@ -676,6 +726,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="measured steps per configuration (default 3; quick 1)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps before measuring (default 1)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="timing processes per configuration, in alternating order (default 2; quick 1); "
+        "the step time is the median over all their steps",
+    )
+    parser.add_argument(
         "--shared-process",
         action="store_true",
         help="time the steps in the memory run's process (quick does; slower steps on CPU, see docstring)",
@@ -697,6 +753,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = max(1, args.steps if args.steps is not None else (1 if args.quick else 3))
     warmup = max(1, args.warmup)
     separate_timing = not (args.quick or args.shared_process)
+    rounds = max(1, args.rounds if args.rounds is not None else (1 if args.quick else 2))
 
     models = [
         spec for spec in (QUICK_MODELS if args.quick else FULL_MODELS) if not args.models or spec.key in args.models
@@ -725,8 +782,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = loadavg()
     rows: list[dict[str, Any]] = []
     for spec in models:
-        for config in configs:
-            job = {
+        jobs = [
+            {
                 "model": dataclasses.asdict(spec),
                 "checkpoint_dir": checkpoint_dirs[spec.key],
                 "config": config,
@@ -736,9 +793,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "mem_steps": MEMORY_STEPS,
                 "warmup": warmup,
             }
-            row, status = run_both(context, job, separate_timing, args.timeout)
-            rows.append(row)
-            print(f"[{spec.key} {config}] {status}", file=sys.stderr, flush=True)
+            for config in configs
+        ]
+        rows += run_model(context, jobs, separate_timing, rounds, args.timeout)
     add_derived(rows)
 
     for row in rows:  # a diverging configuration would make its timings meaningless
@@ -758,6 +815,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_end": loadavg(),
         "memory_methods": sorted({r["memory_method"] for r in rows if "memory_method" in r}),
         "steps": steps,
+        "timing_rounds": rounds if separate_timing else 1,
         "memory_steps": MEMORY_STEPS,
         "warmup": warmup,
         "separate_timing_process": separate_timing,
