@@ -85,29 +85,9 @@ def write_data(out: Path, sources: str, train_size: int, heldout_size: int, seed
 
 def write_tiny_llama(out: Path, tokenizer_dir: Path) -> Path:
     """A 2-layer random Llama with the real SmolLM2 tokenizer: seconds per axolotl run, for CI configs."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from neuroada_plugin.offline_models import save_tiny_llama
 
-    target = out / "tiny-llama"
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+    return save_tiny_llama(out / "tiny-llama", seed=0, tokenizer_dir=tokenizer_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

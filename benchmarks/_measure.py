@@ -353,9 +353,16 @@ def write_results(payload: dict[str, Any], output_dir: Path, stem: str, markdown
     """Write ``<stem>.json`` (the payload) and ``<stem>.md`` (the given lines); returns both paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / f"{stem}.json", output_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md_path.write_text("\n".join(markdown))
+    write_text_atomically(json_path, json.dumps(payload, indent=2) + "\n")
+    write_text_atomically(md_path, "\n".join(markdown))
     return json_path, md_path
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` in one step: an interrupted write leaves the previous results, not half a file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 # --------------------------------------------------------------------------------------------

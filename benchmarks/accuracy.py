@@ -32,8 +32,8 @@ and scoring are reported separately); with 2 threads on 2 cores, other load slow
 lot, so time it on a quiet machine. Trainable parameters are counted on the trained model.
 Device and dtype come from the trainer and ``--dtype`` (default: the TRL examples' default).
 
-Budget: 1 zero-shot + 4 methods x (2 grid + 2 more seeds) = 17 runs; on 2 quiet CPU cores about
-an hour (an estimate is printed first, and every run prints a line with an ETA). Every finished
+Budget: 1 zero-shot + 4 methods x (3 grid + 2 more seeds) = 21 runs; on 2 quiet CPU cores about
+70 minutes (an estimate is printed first, and every run prints a line with an ETA). Every finished
 run is appended to ``<stem>-runs.jsonl`` in the output folder and skipped when the same command
 runs again, so an interrupted run resumes where it stopped; the report is rebuilt from that file.
 
@@ -114,18 +114,19 @@ class Method:
         return self.kind != "none"
 
 
-# Grids: 2 values per method around its sensible centre for a 32-step run (2, not 3, to fit the
-# hour on 2 cores; widen with --grid). NeuroAda trains single weights per neuron, so its rates sit
-# ~10x above LoRA's (PIQA, 32 steps, k=1: 1e-3 -> -0.015, 5e-3 -> +0.000, 2e-2 -> +0.025,
-# 5e-2 -> +0.03 over zero-shot); k=20 moves 20 weights per neuron, so its grid is shifted down.
+# Grids: 3 values per method around its sensible centre for a 32-step run (a first 2-value run
+# chose an edge value for every method, so each grid was extended on that side; widen further
+# with --grid). NeuroAda trains single weights per neuron, so its rates sit ~10x above LoRA's
+# (PIQA, 32 steps, k=1: 1e-3 -> -0.015, 5e-3 -> +0.000, 2e-2 -> +0.025, 5e-2 -> +0.03 over
+# zero-shot); k=20 moves 20 weights per neuron, so its grid is shifted down.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("zero_shot", "zero-shot", "none"),
-        Method("neuroada_k1", "NeuroAda k=1", "neuroada", 1, (2e-2, 5e-2), 3.5),
-        Method("neuroada_k20", "NeuroAda k=20", "neuroada", 20, (5e-3, 2e-2), 3.7),
-        Method("lora_r8", "LoRA r=8", "lora", 8, (2e-3, 5e-3), 3.4),
-        Method("full_ft", "full fine-tuning", "full", 0, (3e-5, 1e-4), 6.0),
+        Method("neuroada_k1", "NeuroAda k=1", "neuroada", 1, (1e-2, 2e-2, 5e-2), 4.5),
+        Method("neuroada_k20", "NeuroAda k=20", "neuroada", 20, (2e-3, 5e-3, 2e-2), 5.5),
+        Method("lora_r8", "LoRA r=8", "lora", 8, (2e-3, 5e-3, 1e-2), 4.6),
+        Method("full_ft", "full fine-tuning", "full", 0, (1e-5, 3e-5, 1e-4), 4.9),
     )
 }
 EST_EVAL_S_PER_QUESTION = 0.18  # PIQA (2 options), merged model, 2 quiet cores
@@ -346,8 +347,8 @@ class RunKey:
 class RunCache:
     """Finished runs, one JSON line each; lines of other settings (fingerprints) are ignored."""
 
-    def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path, self.fingerprint = path, fingerprint
+    def __init__(self, path: Path, fingerprint: str, git: dict[str, Any] | None = None) -> None:
+        self.path, self.fingerprint, self.git = path, fingerprint, git or {}
         self.records: dict[str, dict[str, Any]] = {}
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -367,6 +368,7 @@ class RunCache:
             "fingerprint": self.fingerprint,
             **dataclasses.asdict(key),
             **record,
+            "git": self.git,  # the code that trained this run (the cache may mix commits)
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -744,28 +746,9 @@ def write_plot(payload: dict[str, Any], path: Path) -> Path | None:
 
 def build_quick_model(folder: Path) -> Path:
     """A tiny random Llama (2 layers, hidden 64) with the real SmolLM2 tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from neuroada_plugin.offline_models import save_tiny_llama
 
-    from neuroada_plugin.offline_models import smollm2_checkpoint
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, seed=0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -838,7 +821,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="accuracy-quick-model-") as scratch:
         model_path = str(build_quick_model(Path(scratch))) if args.quick else args.model
         settings, methods = resolve_settings(args, model_path)
-        cache = RunCache(args.output_dir / f"{stem}-runs.jsonl", settings.fingerprint())
+        cache = RunCache(args.output_dir / f"{stem}-runs.jsonl", settings.fingerprint(), git_at_start)
 
         zero_key = RunKey("zero_shot", None, 0, GRID_EVALS)
         plan = [zero_key]

