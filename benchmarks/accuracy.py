@@ -33,7 +33,7 @@ lot, so time it on a quiet machine. Trainable parameters are counted on the trai
 Device and dtype come from the trainer and ``--dtype`` (default: the TRL examples' default).
 
 Budget: 1 zero-shot + 4 methods x (3 grid + 2 more seeds) = 21 runs; on 2 quiet CPU cores about
-70 minutes (an estimate is printed first, and every run prints a line with an ETA). Every finished
+an hour (an estimate is printed first, and every run prints a line with an ETA). Every finished
 run is appended to ``<stem>-runs.jsonl`` in the output folder and skipped when the same command
 runs again, so an interrupted run resumes where it stopped; the report is rebuilt from that file.
 

@@ -208,3 +208,18 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
     ours, lora = rows["neuroada_k1"], rows["lora_r8"]
     assert targets["time_best"]["value"] == min(ours["round_median_step_s"]) / min(lora["round_median_step_s"])
     assert targets["time"]["value"] == ours["median_step_s"] / lora["median_step_s"]
+
+    # --report-from recomputes the same verdicts from the JSON alone and rewrites the reports in place.
+    md_path = tmp_path / "efficiency-cpu-float32-quick.md"
+    md_path.unlink()
+    completed = subprocess.run(
+        [sys.executable, str(EFFICIENCY_SCRIPT), "--report-from", str(tmp_path / "efficiency-cpu-float32-quick.json")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rebuilt = json.loads((tmp_path / "efficiency-cpu-float32-quick.json").read_text())
+    assert rebuilt["targets"] == payload["targets"] and rebuilt["rows"] == payload["rows"]
+    assert rebuilt["report_rebuilt"]["git"] and md_path.is_file()
