@@ -310,3 +310,39 @@ def test_registration_is_idempotent_across_reload():
     assert PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType.NEUROADA] is reloaded.NeuroAdaConfig
     model = get_peft_model(tiny_llama(), reloaded.NeuroAdaConfig())
     assert model.peft_config["default"].peft_type.value == "NEUROADA"
+
+
+def test_csr_and_gather_paths_train_identically_in_a_peft_model(monkeypatch):
+    """k=3 on the CPU runs CsrBypass in every layer; the gather op gives the same loss and gradients."""
+    from neuroada_plugin.neuroada import layer as layer_module
+
+    def loss_and_grads(min_k: int):
+        monkeypatch.setattr(layer_module, "CSR_MIN_K", min_k)
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(seed=3), NeuroAdaConfig(top_k=3))
+        with torch.no_grad():  # non-zero theta, so dL/dx through the bypass matters
+            for name, param in model.named_parameters():
+                if "neuroada_theta" in name:
+                    param.normal_(0.0, 0.05)
+        input_ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+        seen = []
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in seen:
+                seen.append(node)
+                stack.extend(next_fn for next_fn, _ in node.next_functions)
+        ops = {node.name() for node in seen}
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, ops
+
+    csr_loss, csr_grads, csr_ops = loss_and_grads(2)
+    gather_loss, gather_grads, gather_ops = loss_and_grads(10**9)
+    assert "CsrBypassBackward" in csr_ops and "SparseBypassBackward" not in csr_ops
+    assert "SparseBypassBackward" in gather_ops and "CsrBypassBackward" not in gather_ops
+    assert len(csr_grads) == 14  # theta of 7 projections x 2 layers
+    torch.testing.assert_close(csr_loss, gather_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in gather_grads.items():
+        torch.testing.assert_close(csr_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
