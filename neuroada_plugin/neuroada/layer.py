@@ -214,8 +214,9 @@ class NeuroAdaLayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         self._merge_backup.pop(adapter_name, None)
         self._pending_selection.pop(adapter_name, None)
-        for kind in ("compact", "csr"):
-            self.__dict__.get("_neuroada_indices_cache", {}).pop((adapter_name, kind), None)
+        cache = self.__dict__.get("_neuroada_indices_cache", {})
+        for key in [key for key in cache if key[0] == adapter_name]:
+            del cache[key]
         super().delete_adapter(adapter_name)
 
 
