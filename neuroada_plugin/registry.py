@@ -1,0 +1,164 @@
+"""The method registry: one :class:`MethodSpec` per fine-tuning method this package ships.
+
+Everything shared (PEFT registration, the streaming merge, the CLI, the Axolotl plugin, the
+examples and the test contract) learns about methods from here and from nowhere else, so a
+new method is its own folder plus one registration line.
+
+This module is import-light on purpose (no torch, PEFT or Transformers): the merge CLI and
+``neuroada-plugin methods`` read the registry without paying for those imports. A spec
+therefore names its classes and its merge rule by import path; they are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "BUILTIN_SPEC_MODULES",
+    "MethodSpec",
+    "UnknownMethodError",
+    "get_method",
+    "method_for_peft_type",
+    "methods",
+    "register",
+    "unregister",
+]
+
+
+class UnknownMethodError(KeyError):
+    """A method name or PEFT type that no registered spec carries (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def _load(path: str) -> Any:
+    """Import ``"package.module:attribute"`` (or ``"package.module.attribute"``)."""
+    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything shared machinery needs to know about one method.
+
+    Attributes:
+        name: Lower-case identifier. The Axolotl adapter name (``adapter: <name>``), the PEFT
+            type (``NAME``), the PEFT parameter prefix and the Axolotl YAML key prefix
+            (``<name>_``) all derive from it.
+        config: Import path of the method's ``PeftConfig`` subclass (``"pkg.module:Class"``).
+        tuner: Import path of its ``BaseTuner`` subclass.
+        checkpoint_rule: Import path of its streaming-merge rule (see
+            :mod:`neuroada_plugin.merge.rules`); ``None`` when the method cannot be merged by
+            streaming. The rule's module must not import PEFT or Transformers.
+        summary: One line for ``--help`` and ``neuroada-plugin methods``.
+        needs_float_weights: Creating the adapter needs an exact floating-point weight (it
+            reads or merges into individual entries), so quantized bases are refused.
+        reads_weights_when_created: Adapter creation reads the base weights (selection, a
+            weight-dependent init): it must gather them when they are sharded (ZeRO-3) and
+            cannot run on meta/empty weights.
+        exact_merge: ``merge``/``unmerge`` are exact (bit-for-bit restore), so merging for
+            serving or weight sync loses nothing.
+        exposed_fields: Config fields offered as Axolotl YAML keys (``<name>_<field>``) and
+            example-script flags. Empty: every field the config declares beyond PEFT's own.
+        cli_commands: Optional subcommands: import paths of callables
+            ``register(subparsers) -> None`` added to ``neuroada-plugin``.
+    """
+
+    name: str
+    config: str
+    tuner: str
+    checkpoint_rule: str | None = None
+    summary: str = ""
+    needs_float_weights: bool = True
+    reads_weights_when_created: bool = True
+    exact_merge: bool = True
+    exposed_fields: tuple[str, ...] = ()
+    cli_commands: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name != self.name.lower():
+            raise ValueError(f"MethodSpec.name must be a lower-case identifier, got {self.name!r}.")
+
+    @property
+    def peft_type(self) -> str:
+        """The PEFT type string stored in ``adapter_config.json`` (``"NEUROADA"``)."""
+        return self.name.upper()
+
+    @property
+    def prefix(self) -> str:
+        """The PEFT parameter prefix (``"neuroada_"``); never part of a base-model parameter name."""
+        return f"{self.name}_"
+
+    @property
+    def yaml_prefix(self) -> str:
+        """Prefix of this method's Axolotl YAML keys (``neuroada_top_k``)."""
+        return f"{self.name}_"
+
+    def config_class(self) -> type:
+        """The ``PeftConfig`` subclass (imports PEFT)."""
+        return _load(self.config)
+
+    def tuner_class(self) -> type:
+        """The ``BaseTuner`` subclass (imports PEFT)."""
+        return _load(self.tuner)
+
+    def merge_rule(self) -> Callable[..., Any] | None:
+        """The streaming-merge rule, or ``None`` when the method has none."""
+        return _load(self.checkpoint_rule) if self.checkpoint_rule else None
+
+
+# One line per built-in method: its folder, whose ``__init__`` calls ``register(MethodSpec(...))``
+# and imports nothing heavy. Kept as import
+# paths so that reading the registry costs nothing until a method is asked for.
+BUILTIN_SPEC_MODULES: tuple[str, ...] = ("neuroada_plugin.neuroada",)
+
+_SPECS: dict[str, MethodSpec] = {}
+_BUILTINS_LOADED = False
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` (or replace the spec of the same name: re-imports and reloads are harmless)."""
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a method (tests that register a toy method clean up with this)."""
+    _SPECS.pop(name, None)
+
+
+def _ensure_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        for module in BUILTIN_SPEC_MODULES:
+            importlib.import_module(module)
+
+
+def methods() -> dict[str, MethodSpec]:
+    """Every registered method, by name (built-ins first, in registration order)."""
+    _ensure_builtins()
+    return dict(_SPECS)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec called ``name`` (case-insensitive); :class:`UnknownMethodError` lists the known ones."""
+    specs = methods()
+    spec = specs.get(name.lower())
+    if spec is None:
+        raise UnknownMethodError(f"Unknown method {name!r}; known methods: {', '.join(sorted(specs)) or 'none'}.")
+    return spec
+
+
+def method_for_peft_type(peft_type: str) -> MethodSpec:
+    """The spec whose PEFT type is ``peft_type`` (as written in ``adapter_config.json``)."""
+    wanted = str(peft_type).upper()
+    for spec in methods().values():
+        if spec.peft_type == wanted:
+            return spec
+    known = ", ".join(sorted(s.peft_type for s in _SPECS.values())) or "none"
+    raise UnknownMethodError(f"No method of this package has PEFT type {peft_type!r}; known: {known}.")
