@@ -72,8 +72,12 @@ class NeuroAdaConfig(PeftConfig):
             smallest ``|W|`` per row (ablation); ``"random"``: uniform per row, seeded by
             ``seed`` and the module name (ablation).
         seed: Seed of the ``"random"`` selection; ignored otherwise.
-        theta_dtype: Dtype of the trainable values. ``"float32"`` by default, also on a bf16
-            base: sparse updates smaller than a bf16 ulp of the weight would otherwise vanish.
+        theta_dtype: Dtype of the trainable values. ``None`` (default) follows PEFT's
+            ``autocast_adapter_dtype`` like every PEFT tuner: theta is created in the base
+            weight's dtype and upcast to float32 when the flag is ``True`` (its default), so
+            by default theta is float32 also on a bf16 base (sparse updates smaller than a
+            bf16 ulp of the weight would otherwise vanish); with the flag ``False`` it stays
+            in the base dtype. Set a dtype name to pin theta to it whatever the flag says.
         init_weights: ``True`` initialises theta to zero (the adapted model starts identical
             to the base). ``False`` draws small random values (for tests and debugging).
         modules_to_save: Extra modules trained in full and saved with the adapter.
@@ -103,8 +107,12 @@ class NeuroAdaConfig(PeftConfig):
         metadata={"help": "'magnitude' (paper): top-|W| per row; 'smallest' and seeded 'random' are ablations."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for selection='random'."})
-    theta_dtype: str = field(
-        default="float32", metadata={"help": "Dtype of the trainable values: float32 (default), bfloat16, ..."}
+    theta_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype of the trainable values. None (default): as PEFT's autocast_adapter_dtype says (float32 "
+            "unless it is False, then the base dtype); float32, bfloat16, float16 or float64 pin it."
+        },
     )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise theta (True, paper) or draw small random values (False)."}
@@ -137,8 +145,11 @@ class NeuroAdaConfig(PeftConfig):
                 f"NeuroAdaConfig.selection must be one of {SELECTIONS}, got {self.selection!r}. "
                 "'magnitude' is the paper's method."
             )
-        if self.theta_dtype not in THETA_DTYPES:
-            raise ValueError(f"NeuroAdaConfig.theta_dtype must be one of {THETA_DTYPES}, got {self.theta_dtype!r}.")
+        if self.theta_dtype is not None and self.theta_dtype not in THETA_DTYPES:
+            raise ValueError(
+                f"NeuroAdaConfig.theta_dtype must be None (follow PEFT's autocast_adapter_dtype) or one of "
+                f"{THETA_DTYPES}, got {self.theta_dtype!r}."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"NeuroAdaConfig.seed must be an integer, got {self.seed!r}.")
         if isinstance(self.target_modules, str) and self.target_modules.strip() == "":
@@ -159,10 +170,10 @@ class NeuroAdaConfig(PeftConfig):
 
     @property
     def torch_theta_dtype(self):
-        """``theta_dtype`` as a ``torch.dtype``."""
+        """``theta_dtype`` as a ``torch.dtype``, or ``None`` when PEFT's autocast flag decides."""
         import torch
 
-        return getattr(torch, self.theta_dtype)
+        return getattr(torch, self.theta_dtype) if self.theta_dtype is not None else None
 
 
 def peft_type() -> PeftType:

@@ -20,6 +20,17 @@ from .selection import select_connections
 _PEFT_MODEL_PREFIX = "base_model.model."
 
 
+def theta_dtype(config: NeuroAdaConfig, weight: torch.Tensor) -> torch.dtype:
+    """Dtype theta is created in: ``config.theta_dtype`` when set, else the base weight's (PEFT's rule).
+
+    In the second case the tuner's ``_cast_adapter_dtype`` then upcasts bf16/fp16 to float32
+    unless the user passed ``autocast_adapter_dtype=False``, exactly as for PEFT's own tuners.
+    """
+    if config.theta_dtype is not None:
+        return config.torch_theta_dtype
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
 class NeuroAdaLayer(BaseTunerLayer):
     """State and merge logic shared by NeuroAda layers.
 
@@ -57,9 +68,12 @@ class NeuroAdaLayer(BaseTunerLayer):
                 f"(weight shape {[self.out_features, self.in_features]}). Lower top_k or exclude this layer."
             )
         weight = self.get_base_layer().weight
-        theta = torch.zeros(self.out_features, k, dtype=config.torch_theta_dtype, device=weight.device)
+        theta = torch.zeros(self.out_features, k, dtype=theta_dtype(config, weight), device=weight.device)
         if not config.init_weights:
-            generator = torch.Generator(device="cpu").manual_seed(config.seed + zlib.crc32(module_name.encode()))
+            # Keyed on the adapter name too, so two adapters made from one config differ (as PEFT's
+            # tuners' random inits do), yet every run gives the same values.
+            salt = zlib.crc32(f"{adapter_name}\0{module_name}".encode())
+            generator = torch.Generator(device="cpu").manual_seed(config.seed + salt)
             theta = (0.02 * torch.randn(self.out_features, k, generator=generator)).to(theta)
         self.neuroada_theta[adapter_name] = nn.Parameter(theta)
 

@@ -110,7 +110,22 @@ class NeuroAdaModel(BaseTuner):
         return super()._get_adapter_state_dict(model, *args, **kwargs)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Keep theta in ``config.theta_dtype``; PEFT's default would silently upcast bf16 to fp32."""
+        """PEFT's cast (bf16/fp16 adapters upcast to float32 unless ``autocast_adapter_dtype=False``), except
+        that a theta pinned by ``config.theta_dtype`` keeps that dtype, and no theta changes ``requires_grad``.
+
+        PEFT's generic cast re-wraps ParameterDict entries as new Parameters, which would make a
+        frozen (inactive) adapter trainable; the flags are restored afterwards.
+        """
+        pinned = self.peft_config[adapter_name].torch_theta_dtype
+        layers = [m for m in self.model.modules() if isinstance(m, NeuroAdaLayer) and adapter_name in m.neuroada_theta]
+        trainable = [layer.neuroada_theta[adapter_name].requires_grad for layer in layers]
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for layer, requires_grad in zip(layers, trainable, strict=True):
+            theta = layer.neuroada_theta[adapter_name]
+            if pinned is not None and theta.dtype != pinned:  # bf16/fp16 -> fp32 -> back: exact
+                theta = theta.detach().to(pinned)
+            if theta is not layer.neuroada_theta[adapter_name] or theta.requires_grad != requires_grad:
+                layer.neuroada_theta[adapter_name] = nn.Parameter(theta.detach(), requires_grad=requires_grad)
 
     def _check_new_adapter_config(self, config: NeuroAdaConfig) -> None:
         super()._check_new_adapter_config(config)
