@@ -68,7 +68,10 @@ class NeuroAdaArgs(PeftMethodArgs):
     neuroada_seed: StrictInt | None = Field(default=None, description="Seed of selection='random'.")
     neuroada_theta_dtype: Literal[THETA_DTYPES] | None = Field(  # type: ignore[valid-type]
         default=None,
-        description="Dtype of the trainable values (default float32, also on a bf16 base: tiny updates survive).",
+        description=(
+            "Dtype of the trainable values. Unset: PEFT's adapter-dtype autocast decides (float32, also on a bf16 "
+            "base: tiny updates survive); a dtype pins it."
+        ),
     )
     neuroada_init_weights: StrictBool | None = Field(
         default=None, description="true (default): zero-initialised theta, the model starts as the base model."
