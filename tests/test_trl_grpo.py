@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from neuroada_plugin import NeuroAdaConfig
-from neuroada_plugin import commonsense as cs
+
+from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,11 +81,12 @@ def test_grpo_with_kl_to_the_disabled_adapter(tiny_llama_dir, tmp_path):
 
 
 def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "trl_examples"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "trl"))
     sys.modules.pop("grpo", None)
     import grpo  # noqa: PLC0415
 
-    from neuroada_plugin.trl_support import CommonsenseArguments, NeuroAdaArguments
+    from common.method_args import method_arguments
+    from common.trl_helpers import CommonsenseArguments
 
     data = CommonsenseArguments(
         model_name_or_path=str(tiny_llama_dir),
@@ -98,7 +100,7 @@ def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkey
     settings = {k: v for k, v in grpo.DEFAULTS.items() if k != "show_options"}
     settings.update(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8)
     settings.update(disable_tqdm=True, max_completion_length=4)
-    grpo.main(data, NeuroAdaArguments(), GRPOConfig(**settings))
+    grpo.main(data, method_arguments("neuroada")(), GRPOConfig(**settings))
     printed = capsys.readouterr().out
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from neuroada_plugin import NeuroAdaConfig
-from neuroada_plugin import commonsense as cs
+
+from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -233,19 +234,20 @@ def test_sft_with_tokens_added_by_trl(tiny_llama_dir, tmp_path):
 
 
 def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    """trl_examples/sft.py on the tiny model: its numbers agree with an independent evaluation."""
-    monkeypatch.syspath_prepend(str(ROOT / "trl_examples"))
+    """examples/trl/sft.py on the tiny model: its numbers agree with an independent evaluation."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "trl"))
     sys.modules.pop("sft", None)
     import sft  # noqa: PLC0415
 
-    from neuroada_plugin.trl_support import CommonsenseArguments, NeuroAdaArguments
+    from common.method_args import method_arguments
+    from common.trl_helpers import CommonsenseArguments
 
     data = CommonsenseArguments(
         model_name_or_path=str(tiny_llama_dir), dtype="float32", sources="csqa,piqa", train_size=8, eval_size=6
     )
     settings = dict(sft.DEFAULTS, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4)
     settings["disable_tqdm"] = True
-    sft.main(data, NeuroAdaArguments(), SFTConfig(**settings))
+    sft.main(data, method_arguments("neuroada")(), SFTConfig(**settings))
     printed = capsys.readouterr().out
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -263,10 +265,10 @@ def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
 
 
 def test_merged_evaluation_matches_the_adapter_and_restores_weights(tiny_llama_dir):
-    """trl_support.evaluate merges float32 adapters for speed: same scores, weights restored bit for bit."""
+    """trl_helpers.evaluate merges float32 adapters for speed: same scores, weights restored bit for bit."""
     from peft import get_peft_model
 
-    from neuroada_plugin.trl_support import merged_for_inference
+    from common.trl_helpers import merged_for_inference
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)

@@ -1,16 +1,18 @@
-"""Small helpers shared by the TRL example scripts in ``trl_examples/``.
+"""Helpers shared by the TRL example scripts in ``examples/trl/`` (and the accuracy benchmark).
 
 The examples parse three dataclasses (TRL style): :class:`CommonsenseArguments` (model and
-data), :class:`NeuroAdaArguments` (the adapter, flags prefixed ``neuroada_`` so they never clash
+data), the method's arguments (generated from its config dataclass by
+:func:`common.method_args.method_arguments`, flags prefixed ``<method>_`` so they never clash
 with TRL's own) and the trainer's config. Everything data- or evaluation-specific lives in
-:mod:`neuroada_plugin.commonsense`; this module only loads the model, builds the
-:class:`~neuroada_plugin.NeuroAdaConfig`, evaluates before/after and prints the summary.
+:mod:`common.commonsense`; this module loads the model, picks the run's questions, evaluates
+before/after and prints the summary. The recipe itself (dataset, config, trainer, train, save)
+is in each example's ``main()``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,6 @@ from typing import Any
 import torch
 
 from . import commonsense
-from .neuroada import NeuroAdaConfig
 
 
 @dataclass
@@ -36,7 +37,8 @@ class CommonsenseArguments:
         default="float32",
         metadata={
             "help": "Weights dtype: float32 (default: exact, and the fastest NeuroAda path on CPUs), bfloat16, or "
-            "auto (bfloat16 on CUDA with bf16 or a CPU with AVX512-BF16/AMX). NeuroAda's theta stays float32."
+            "auto (bfloat16 on CUDA with bf16 or a CPU with AVX512-BF16/AMX). The adapter's own dtype is the "
+            "method's setting (e.g. --neuroada_theta_dtype)."
         },
     )
     sources: str = field(
@@ -47,7 +49,7 @@ class CommonsenseArguments:
         default=False,
         metadata={
             "help": "Prompt format: False = cloze (question -> option text); True = lettered options -> "
-            "'B. text'. See neuroada_plugin.commonsense.PromptFormat."
+            "'B. text'. See common.commonsense.PromptFormat."
         },
     )
     train_size: int = field(default=256, metadata={"help": "Questions taken from the train split (0: all)."})
@@ -56,32 +58,6 @@ class CommonsenseArguments:
     eval_batch_size: int = field(default=16, metadata={"help": "Questions per batch in the log-likelihood evaluation."})
     length_normalize: bool = field(
         default=False, metadata={"help": "Score options by mean instead of summed token log-likelihood."}
-    )
-
-
-@dataclass
-class NeuroAdaArguments:
-    """The adapter: the fields of :class:`~neuroada_plugin.NeuroAdaConfig` an example exposes."""
-
-    neuroada_top_k: int = field(default=1, metadata={"help": "Connections trained per output neuron (paper: 1 or 20)."})
-    neuroada_selection: str = field(
-        default="magnitude", metadata={"help": "magnitude (paper), smallest or random (ablations)."}
-    )
-    neuroada_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Module names to adapt; default: attention and MLP projections."}
-    )
-    neuroada_theta_dtype: str = field(default="float32", metadata={"help": "Dtype of the trainable values."})
-
-
-def neuroada_config(args: NeuroAdaArguments, **overrides: Any) -> NeuroAdaConfig:
-    """The :class:`NeuroAdaConfig` described by the ``--neuroada_*`` flags."""
-    return NeuroAdaConfig(
-        top_k=args.neuroada_top_k,
-        selection=args.neuroada_selection,
-        target_modules=args.neuroada_target_modules,
-        theta_dtype=args.neuroada_theta_dtype,
-        task_type="CAUSAL_LM",
-        **overrides,
     )
 
 
@@ -124,7 +100,7 @@ def load_model_and_tokenizer(args: CommonsenseArguments) -> tuple[Any, Any]:
 
 
 def prompt_format(args: CommonsenseArguments) -> commonsense.PromptFormat:
-    """The :class:`~neuroada_plugin.commonsense.PromptFormat` selected by ``--show_options``."""
+    """The :class:`~common.commonsense.PromptFormat` selected by ``--show_options``."""
     return commonsense.PromptFormat(show_options=args.show_options)
 
 
@@ -142,9 +118,9 @@ def commonsense_splits(args: CommonsenseArguments) -> tuple[list[commonsense.MCQ
 def merged_for_inference(model: Any) -> Iterator[None]:
     """Temporarily merge a float32 PEFT model's adapters into its weights (plain forward, faster).
 
-    NeuroAda merges exactly (``W[i, idx] += theta`` once, restored bit for bit on unmerge), so a
-    float32 model scores the same up to float32 rounding. Lower-precision weights are left
-    unmerged: rounding theta into bf16 entries would change what is measured.
+    A float32 model scores the same up to float32 rounding (NeuroAda merges exactly:
+    ``W[i, idx] += theta`` once, restored bit for bit on unmerge). Lower-precision weights are
+    left unmerged: rounding the update into bf16 entries would change what is measured.
     """
     weight = next(model.parameters())
     mergeable = (
@@ -207,48 +183,3 @@ def print_summary(
     lines.append(f"wall time: {wall_seconds:.0f}s")
     lines.append(f"adapter saved to: {Path(adapter_dir).resolve()}")
     print("\n".join(lines), flush=True)
-
-
-RowBuilder = Callable[[list[commonsense.MCQuestion], commonsense.PromptFormat], list[dict[str, Any]]]
-
-
-def run_example(
-    title: str,
-    trainer_class: Any,
-    data_args: CommonsenseArguments,
-    adapter_args: NeuroAdaArguments,
-    training_args: Any,
-    build_rows: RowBuilder,
-    **trainer_kwargs: Any,
-) -> tuple[commonsense.MCEvaluation | None, commonsense.MCEvaluation | None]:
-    """The whole life of an example: load, evaluate, train with NeuroAda, save, evaluate again, report.
-
-    ``build_rows(train_questions, prompt_format)`` turns the training questions into the dataset
-    rows the trainer expects (SFT prompt/completion, DPO chosen/rejected, GRPO prompts);
-    ``trainer_kwargs`` go to the trainer as they are (e.g. ``reward_funcs``). Returns the held-out
-    evaluations before and after (``None`` with ``--eval_size 0``).
-    """
-    from datasets import Dataset
-
-    start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(data_args)
-    train, heldout = commonsense_splits(data_args)
-    print(f"train: {len(train)} questions from {data_args.sources}; held-out: {len(heldout)} (never trained on)")
-    before = evaluate(model, tokenizer, heldout, data_args, "before")
-
-    trainer = trainer_class(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(build_rows(train, prompt_format(data_args))),
-        processing_class=tokenizer,
-        peft_config=neuroada_config(adapter_args),
-        **trainer_kwargs,
-    )
-    trainer.model.print_trainable_parameters()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-
-    after = evaluate(trainer.model, tokenizer, heldout, data_args, "after")
-    print_summary(title, trainer.model, before, after, time.perf_counter() - start, training_args.output_dir)
-    trainer.end()
-    return before, after
