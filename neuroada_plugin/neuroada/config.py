@@ -87,7 +87,7 @@ class NeuroAdaConfig(PeftConfig):
 
     top_k: int = field(
         default=1,
-        metadata={"help": "Input connections trained per output neuron (1: ~0.02% params; 20: ~0.4%)."},
+        metadata={"help": "Input connections trained per output neuron (1: ~0.02% params; 20: ~0.4%).", "ge": 1},
     )
     target_modules: list[str] | str | None = field(
         default=None,
@@ -107,7 +107,7 @@ class NeuroAdaConfig(PeftConfig):
         metadata={"help": "'magnitude' (paper): top-|W| per row; 'smallest' and seeded 'random' are ablations."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for selection='random'."})
-    theta_dtype: str | None = field(
+    theta_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = field(
         default=None,
         metadata={
             "help": "Dtype of the trainable values. None (default): as PEFT's autocast_adapter_dtype says (float32 "
