@@ -2,11 +2,13 @@
 
 Installed with a ``.pth`` file, this module runs at interpreter start. It imports nothing
 heavy: it only puts a finder on ``sys.meta_path`` that waits for ``import peft`` and then,
-once ``peft`` has finished importing, imports ``neuroada_plugin`` (which registers
-``PeftType.NEUROADA``). That lets ``PeftModel.from_pretrained``,
+once ``peft`` has finished importing, registers every method of neuroada_plugin's registry
+with PEFT (``PeftType.NEUROADA``, ...). That lets ``PeftModel.from_pretrained``,
 ``AutoPeftModelForCausalLM`` and ``AutoModelForCausalLM.from_pretrained(adapter_dir)`` load
 NeuroAda adapters in a process that never imports the plugin (a ``vllm`` worker, a TRL
-script, a notebook). Set ``NEUROADA_PLUGIN_NO_AUTOLOAD=1`` to switch it off.
+script, a notebook). Set ``NEUROADA_PLUGIN_NO_AUTOLOAD=1`` to switch it off at start-up; an
+explicit ``import neuroada_plugin`` arms it anyway (``install(force=True)``), since that import
+says the process wants the plugin's methods.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import sys
 import warnings
 
 _TRIGGER = "peft"
-_PLUGIN = "neuroada_plugin"
 
 
 class _LoaderWrapper(importlib.abc.Loader):
@@ -31,7 +32,7 @@ class _LoaderWrapper(importlib.abc.Loader):
         _uninstall()
         self._loader.exec_module(module)
         try:
-            __import__(_PLUGIN)
+            _register()
         except Exception as error:  # never break `import peft` itself
             warnings.warn(f"neuroada_plugin could not register with PEFT: {error!r}", stacklevel=2)
 
@@ -61,12 +62,22 @@ def _uninstall() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PeftImportFinder)]
 
 
-def install() -> None:
-    """Arm the hook (idempotent); if ``peft`` is already imported, register right away."""
-    if os.environ.get("NEUROADA_PLUGIN_NO_AUTOLOAD", "") not in ("", "0"):
+def _register() -> None:
+    from neuroada_plugin.peft_registration import register_all
+
+    register_all()
+
+
+def install(force: bool = False) -> None:
+    """Arm the hook (idempotent); if ``peft`` is already imported, register right away.
+
+    ``force``: arm it even when ``NEUROADA_PLUGIN_NO_AUTOLOAD`` is set (``import neuroada_plugin``
+    passes it: an explicit import asks for the plugin's methods).
+    """
+    if not force and os.environ.get("NEUROADA_PLUGIN_NO_AUTOLOAD", "") not in ("", "0"):
         return
     if _TRIGGER in sys.modules:
-        __import__(_PLUGIN)
+        _register()
         return
     if not any(isinstance(f, _PeftImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PeftImportFinder())

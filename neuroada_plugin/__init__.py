@@ -1,14 +1,23 @@
-"""neuroada-plugin: NeuroAda as a native PEFT method, with TRL, Axolotl and vLLM integrations.
+"""neuroada-plugin: NeuroAda and sibling fine-tuning methods as native PEFT methods.
 
-Importing this package registers every method it ships with PEFT (``PeftType.NEUROADA``),
-after which ``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``
-and ``AutoModelForCausalLM.from_pretrained(adapter_dir)`` accept NeuroAda adapters. When the
-distribution is installed, a start-up hook performs this import as soon as ``peft`` is
-imported, so a saved adapter loads even in a process that never imports this package.
+Every method of the registry (:mod:`neuroada_plugin.registry`) becomes a PEFT method
+(``PeftType.NEUROADA``, ...), after which ``get_peft_model``, ``PeftModel.from_pretrained``,
+``AutoPeftModelForCausalLM`` and ``AutoModelForCausalLM.from_pretrained(adapter_dir)`` accept
+its adapters. Registration happens now if ``peft`` is already imported, otherwise the moment it
+is (a start-up hook, also installed as a ``.pth`` file so that a saved adapter loads even in a
+process that never imports this package).
+
+Importing this package imports neither PEFT nor Transformers (the merge CLI starts in well under
+a second); the classes below are loaded on first access.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
 from .errors import AdapterCheckpointError, MergeError, UnsupportedTargetError
-from .neuroada import NeuroAdaConfig, NeuroAdaLayer, NeuroAdaModel, select_connections
 
 __version__ = "0.1.0"
 
@@ -19,5 +28,39 @@ __all__ = [
     "NeuroAdaLayer",
     "NeuroAdaModel",
     "UnsupportedTargetError",
+    "__version__",
     "select_connections",
 ]
+
+_LAZY = {name: "neuroada" for name in ("NeuroAdaConfig", "NeuroAdaLayer", "NeuroAdaModel", "select_connections")}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def _register_with_peft() -> None:
+    if "peft" in sys.modules:
+        from .peft_registration import register_all
+
+        register_all()
+        return
+    try:
+        import neuroada_plugin_autoload
+    except ImportError:  # the hook module is not installed beside the package: register eagerly
+        from .peft_registration import register_all
+
+        register_all()
+        return
+    neuroada_plugin_autoload.install(force=True)
+
+
+_register_with_peft()

@@ -21,6 +21,7 @@ __all__ = [
     "MethodSpec",
     "UnknownMethodError",
     "get_method",
+    "load_object",
     "method_for_peft_type",
     "methods",
     "register",
@@ -35,7 +36,7 @@ class UnknownMethodError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _load(path: str) -> Any:
+def load_object(path: str) -> Any:
     """Import ``"package.module:attribute"`` (or ``"package.module.attribute"``)."""
     module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
     return getattr(importlib.import_module(module_name), attribute)
@@ -100,15 +101,15 @@ class MethodSpec:
 
     def config_class(self) -> type:
         """The ``PeftConfig`` subclass (imports PEFT)."""
-        return _load(self.config)
+        return load_object(self.config)
 
     def tuner_class(self) -> type:
         """The ``BaseTuner`` subclass (imports PEFT)."""
-        return _load(self.tuner)
+        return load_object(self.tuner)
 
     def merge_rule(self) -> Callable[..., Any] | None:
         """The streaming-merge rule, or ``None`` when the method has none."""
-        return _load(self.checkpoint_rule) if self.checkpoint_rule else None
+        return load_object(self.checkpoint_rule) if self.checkpoint_rule else None
 
 
 # One line per built-in method: its folder, whose ``__init__`` calls ``register(MethodSpec(...))``

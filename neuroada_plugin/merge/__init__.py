@@ -1,27 +1,41 @@
-"""Streaming merge of saved adapters into base checkpoints (``neuroada-merge``), method-agnostic.
+"""Streaming merge of saved adapters into base checkpoints (``neuroada-plugin merge``), method-agnostic.
 
 >>> from neuroada_plugin.merge import merge_adapter_checkpoint
 >>> merge_adapter_checkpoint("base_dir", "adapter_dir", "merged_dir")  # doctest: +SKIP
 
-Each PEFT method contributes a checkpoint rule (see :mod:`.registry`); NeuroAda's is in
-:mod:`neuroada_plugin.neuroada.checkpoint`.
+Modules: :mod:`.sources` (inputs), :mod:`.plan` (validated plan), :mod:`.writer` (atomic output),
+:mod:`.streaming` (the whole merge), :mod:`.rules` (the contract with each method's rule, found
+through :mod:`neuroada_plugin.registry`), :mod:`.verify` (compare with PEFT's in-memory merge).
+The merge needs torch, never PEFT or Transformers; importing this package imports neither (names
+load on first access, so ``python -m neuroada_plugin.merge --help`` starts at once).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import CheckpointFileError, InsufficientSpaceError, OutputExistsError, UnsupportedAdapterError
-from .registry import (
-    AdapterCheckpoint,
-    BaseTensorInfo,
-    TensorPatch,
-    get_checkpoint_rule,
-    register_checkpoint_rule,
-    registered_checkpoint_rules,
-)
-from .streaming import MergeReport, merge_adapter_checkpoint
+
+_LAZY = {
+    "AdapterModule": "rules",
+    "BaseTensorInfo": "rules",
+    "CheckpointRule": "rules",
+    "TensorPatch": "rules",
+    "get_checkpoint_rule": "rules",
+    "AdapterCheckpoint": "sources",
+    "BaseCheckpoint": "sources",
+    "MergeReport": "streaming",
+    "merge_adapter_checkpoint": "streaming",
+}
 
 __all__ = [
     "AdapterCheckpoint",
+    "AdapterModule",
+    "BaseCheckpoint",
     "BaseTensorInfo",
     "CheckpointFileError",
+    "CheckpointRule",
     "InsufficientSpaceError",
     "MergeReport",
     "OutputExistsError",
@@ -29,6 +43,16 @@ __all__ = [
     "UnsupportedAdapterError",
     "get_checkpoint_rule",
     "merge_adapter_checkpoint",
-    "register_checkpoint_rule",
-    "registered_checkpoint_rules",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

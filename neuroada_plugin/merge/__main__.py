@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from ..cli import merge_main
 
-sys.exit(main())
+sys.exit(merge_main())

@@ -22,4 +22,4 @@ class InsufficientSpaceError(OSError):
 
 
 class UnsupportedAdapterError(ValueError):
-    """No checkpoint merge rule is registered for the adapter's ``peft_type``."""
+    """No registered method (or no streaming merge rule) for the adapter's ``peft_type``."""

@@ -1,4 +1,4 @@
-"""``--verify``: check a merged checkpoint against the adapter it came from.
+"""``merge --verify`` and ``neuroada-plugin verify``: check a merged checkpoint against the adapter it came from.
 
 Two independent checks (this loads the whole model, unlike the merge itself):
 
@@ -63,10 +63,12 @@ def verify_merge(
     from peft import PeftModel
     from safetensors import safe_open
 
-    import neuroada_plugin  # noqa: F401  (registers the plugin's PEFT methods)
+    from ..peft_registration import register_all
+
+    register_all()  # the adapter's method must be a PEFT method (normally done already by the start-up hook)
 
     base, adapter, merged = Path(base), Path(adapter), Path(merged)
-    log("[neuroada-merge] verify: in-memory merge_and_unload for a bit-exact weight comparison")
+    log("[verify] in-memory merge_and_unload for a bit-exact weight comparison")
     reference = PeftModel.from_pretrained(_load(base, "auto"), adapter, low_cpu_mem_usage=True).merge_and_unload()
     expected = reference.state_dict()
     compared, mismatched = 0, []
@@ -88,7 +90,7 @@ def verify_merge(
             f"{mismatched[:5]}"
         )
 
-    log("[neuroada-merge] verify: logits of the unmerged adapter vs the merged checkpoint (float32)")
+    log("[verify] logits of the unmerged adapter vs the merged checkpoint (float32)")
     ids = _input_ids(merged, vocab_size)
     with torch.no_grad():
         adapted = PeftModel.from_pretrained(_load(base, torch.float32), adapter, low_cpu_mem_usage=True).eval()
@@ -108,7 +110,7 @@ def verify_merge(
     )
     if stored_dtype == torch.float32 and max_diff > 1e-4 * scale:
         raise VerificationError(f"float32 merged logits differ from the adapter's by {max_diff:.3g}: {summary}")
-    log(f"[neuroada-merge] verify ok: {summary}")
+    log(f"[verify] ok: {summary}")
     return {
         "tensors_compared": compared,
         "max_abs_logit_diff": max_diff,

@@ -1,0 +1,182 @@
+"""Planning: which base tensors change and how, validated against the base before anything is written.
+
+:func:`plan_merge` finds the adapter's method in the registry, groups the adapter's tensors by
+module (``<module>.<prefix><param>`` and ``<module>.<prefix><param>.<adapter name>``), refuses a
+file holding several adapters, asks the method's rule for each module's patches, adds the full
+copies PEFT saves (``modules_to_save``, ``base_layer`` weights), redirects patches of a tied output
+embedding the checkpoint does not store, runs every patch's check, and fails on any adapter
+tensor nobody explained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+from ..errors import AdapterCheckpointError
+from ..registry import MethodSpec
+from .rules import AdapterModule, TensorPatch, get_checkpoint_rule, method_for_adapter
+from .sources import ADAPTER_CONFIG, AdapterCheckpoint, BaseCheckpoint
+
+__all__ = ["group_by_module", "plan_merge"]
+
+_OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
+_INPUT_EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+)
+
+
+def group_by_module(adapter: AdapterCheckpoint, prefix: str) -> dict[str, AdapterModule]:
+    """The adapter's tensors of the method with PEFT prefix ``prefix``, grouped by module.
+
+    Accepts ``<module>.<prefix><param>`` (as PEFT saves) and ``<module>.<prefix><param>.<adapter>``
+    (a raw ``PeftModel.state_dict()``); refuses a file that holds more than one adapter. Keys
+    without the prefix are left out (full copies, or reported as unexplained by the planner).
+    """
+    pattern = re.compile(rf"(?P<module>.+)\.{re.escape(prefix)}(?P<param>\w+?)(?:\.(?P<adapter>[^.]+))?")
+    grouped: dict[str, dict[str, str]] = {}
+    adapter_names: dict[str | None, str] = {}
+    for key in adapter.tensors:
+        match = pattern.fullmatch(key)
+        if match is None:
+            continue
+        adapter_names.setdefault(match["adapter"], key)
+        params = grouped.setdefault(match["module"], {})
+        if match["param"] in params:
+            raise AdapterCheckpointError(
+                f"{adapter.weights_file}: layer {match['module']} has two '{prefix}{match['param']}' entries "
+                f"({params[match['param']]!r} and {key!r}): the file holds several adapters; save one adapter at a time."
+            )
+        params[match["param"]] = key
+    if len(adapter_names) > 1:
+        shown = ", ".join(repr(key) for key in list(adapter_names.values())[:3])
+        raise AdapterCheckpointError(
+            f"{adapter.weights_file}: the file holds several adapters (keys such as {shown} name different adapters); "
+            "save one adapter at a time (PeftModel.save_pretrained writes one folder per adapter)."
+        )
+    return {
+        module: AdapterModule(
+            module=module,
+            tensors={param: adapter.tensors[key] for param, key in params.items()},
+            keys=dict(params),
+            config=adapter.config,
+            weights_file=adapter.weights_file,
+        )
+        for module, params in sorted(grouped.items())
+    }
+
+
+def plan_merge(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> dict[str, list[TensorPatch]]:
+    """Validate ``adapter`` against ``base`` and return base tensor name -> patches (in order)."""
+    if not adapter.peft_type:
+        raise AdapterCheckpointError(f"{adapter.path / ADAPTER_CONFIG}: no 'peft_type'.")
+    spec = method_for_adapter(adapter.peft_type)
+    rule = get_checkpoint_rule(adapter.peft_type)
+    modules = group_by_module(adapter, spec.prefix)
+    if not modules:
+        raise AdapterCheckpointError(
+            f"{adapter.weights_file}: adapter_config.json says {spec.peft_type}, but the file has no "
+            f"'*.{spec.prefix}*' tensors."
+        )
+    method_patches = []
+    for module in modules.values():
+        for patch in rule(module, base.tensors):
+            if not patch.sources:
+                patch = dataclasses.replace(patch, sources=tuple(module.keys.values()))
+            method_patches.append(patch)
+    used = {key for module in modules.values() for key in module.keys.values()}
+    # Full copies come first: PEFT saves the base weight of an adapted embedding-like layer
+    # (e.g. a tied lm_head) as "<module>.base_layer.weight", and loading restores it before
+    # the adapter acts; modules_to_save replace a whole module.
+    patches = _full_copy_patches(adapter, base, used) + method_patches
+    used |= {key for patch in patches for key in patch.sources}
+    _refuse_unused(adapter, spec, sorted(set(adapter.tensors) - used))
+
+    plan: dict[str, list[TensorPatch]] = {}
+    tied = _tied_embeddings(base)
+    for patch in patches:
+        targets = [patch.target]
+        if patch.target in tied:
+            partner = tied[patch.target]
+            targets = [t for t in (patch.target, partner) if t in base.tensors]
+        if not any(t in base.tensors for t in targets):
+            raise AdapterCheckpointError(
+                f"Adapter and base model do not match: adapter tensor(s) {', '.join(patch.sources)} apply to base "
+                f"tensor {patch.target!r}, which base checkpoint {base.folder} does not contain. The adapter was "
+                "trained on a different base model (or the base checkpoint is incomplete)."
+            )
+        for target in targets:
+            patch.check(base.tensors[target])
+            plan.setdefault(target, []).append(patch)
+    return plan
+
+
+def _refuse_unused(adapter: AdapterCheckpoint, spec: MethodSpec, unused: list[str]) -> None:
+    if not unused:
+        return
+    shown = ", ".join(unused[:5]) + (f" (+{len(unused) - 5} more)" if len(unused) > 5 else "")
+    extra = (
+        " Trainable-token / resized-embedding adapters are not supported by the streaming merge; use "
+        "PeftModel.merge_and_unload() for those."
+        if any("token_adapter" in k or "trainable_tokens" in k for k in unused)
+        else ""
+    )
+    raise AdapterCheckpointError(
+        f"{adapter.weights_file}: {len(unused)} tensor(s) do not correspond to anything the {spec.name} merge rule "
+        f"or modules_to_save understands: {shown}.{extra}"
+    )
+
+
+def _full_copy(value) -> Callable:
+    return lambda old: value.to(old.dtype).clone()
+
+
+def _full_copy_patches(adapter: AdapterCheckpoint, base: BaseCheckpoint, used: set[str]) -> list[TensorPatch]:
+    """Patches that overwrite a whole base tensor: ``modules_to_save`` entries and saved ``base_layer`` weights."""
+    modules = adapter.config.get("modules_to_save") or []
+    tied = _tied_embeddings(base)
+    patches = []
+    for key, value in adapter.tensors.items():
+        if key in used:
+            continue
+        match = re.fullmatch(r"(?P<module>.+)\.base_layer\.(?P<param>weight|bias)", key)
+        if match:
+            target, why = f"{match['module']}.{match['param']}", "saved base_layer weight (full copy)"
+        else:
+            module = key.rsplit(".", 1)[0]
+            if not any(module == m or module.endswith(f".{m}") for m in modules):
+                continue
+            target, why = key, "modules_to_save (full copy)"
+        if target not in base.tensors and tied.get(target) not in base.tensors:
+            continue  # left unused: reported with the other unexplained keys
+        info = base.tensors.get(target) or base.tensors[tied[target]]
+        if tuple(value.shape) != info.shape:
+            raise AdapterCheckpointError(
+                f"Adapter and base model do not match: adapter tensor {key!r} ({why}) has shape {list(value.shape)}, "
+                f"base tensor {info.name!r} in {info.file.name} has shape {list(info.shape)}."
+            )
+        patches.append(TensorPatch(target=target, apply=_full_copy(value), sources=(key,), description=why))
+    return patches
+
+
+def _tied_embeddings(base: BaseCheckpoint) -> dict[str, str]:
+    """Output embedding <-> input embedding names when the config ties them, else empty."""
+    config = base.config
+    tie = config.get("tie_word_embeddings")
+    if tie is None and isinstance(config.get("text_config"), dict):
+        tie = config["text_config"].get("tie_word_embeddings")
+    if not tie:
+        return {}
+    inputs = [n for n in base.tensors if n.endswith(_INPUT_EMBEDDING_SUFFIXES)]
+    if len(inputs) != 1:
+        return {}
+    mapping = {}
+    for output in _OUTPUT_EMBEDDINGS:
+        mapping[output] = inputs[0]
+        mapping.setdefault(inputs[0], output)
+    return mapping

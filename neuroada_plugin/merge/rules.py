@@ -1,0 +1,137 @@
+"""The contract between the streaming merge engine and each method's checkpoint rule.
+
+The engine (:mod:`.streaming`, with :mod:`.sources`, :mod:`.plan`, :mod:`.writer`) reads
+checkpoints, groups the adapter's tensors by adapted module, checks them once (one adapter per
+file, every float tensor finite) and writes the output atomically; it knows nothing about any
+method's math. A method's *checkpoint rule*, named by its :class:`~neuroada_plugin.registry.MethodSpec`
+(``checkpoint_rule="pkg.module:function"``), turns ONE module's tensors into
+:class:`TensorPatch` objects ("base tensor ``name`` becomes ``apply(old value)``"), each with a
+``check`` run against the base tensor's shape and dtype before anything is written::
+
+    def my_rule(module: AdapterModule, base_tensors: Mapping[str, BaseTensorInfo]) -> list[TensorPatch]:
+        delta = module.tensors["delta"]               # "<module>.mymethod_delta" in the file
+        return [TensorPatch(target=f"{module.module}.weight", apply=lambda w: w.add_(delta.to(w.dtype)))]
+
+A rule's module must not import PEFT or Transformers (the merge CLI runs without them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..registry import MethodSpec, UnknownMethodError, method_for_peft_type, methods
+from .errors import UnsupportedAdapterError
+
+__all__ = [
+    "AdapterModule",
+    "BaseTensorInfo",
+    "CheckpointRule",
+    "TensorPatch",
+    "get_checkpoint_rule",
+    "method_for_adapter",
+]
+
+
+@dataclass(frozen=True)
+class BaseTensorInfo:
+    """What validation may know about a base tensor without reading its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a dtype this torch cannot represent (never patchable)
+    file: Path
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted module's tensors, as the engine hands them to a rule.
+
+    Attributes:
+        module: The base module's path, e.g. ``model.layers.0.self_attn.q_proj``.
+        tensors: Parameter name (the method's prefix stripped) -> tensor, e.g.
+            ``{"theta": ..., "indices": ...}`` for ``q_proj.neuroada_theta`` / ``q_proj.neuroada_indices``.
+        keys: Parameter name -> the key in the adapter file (for messages).
+        config: The adapter's ``adapter_config.json``.
+        weights_file: The adapter weights file (for messages).
+    """
+
+    module: str
+    tensors: Mapping[str, torch.Tensor]
+    keys: Mapping[str, str]
+    config: Mapping[str, Any]
+    weights_file: Path
+
+    @property
+    def where(self) -> str:
+        """``"<weights file>: layer <module>"``: how a message names this module."""
+        return f"{self.weights_file}: layer {self.module}"
+
+
+@dataclass
+class TensorPatch:
+    """A change to one base tensor.
+
+    Attributes:
+        target: Name of the base tensor (as in the checkpoint's index).
+        apply: Returns the new value of the tensor given its old value (same shape and dtype;
+            it may modify its argument in place). Must raise rather than write non-finite values.
+        check: Raises :class:`~neuroada_plugin.errors.AdapterCheckpointError` when the base tensor
+            (shape, dtype) cannot take this patch. Runs before any output is written.
+        sources: Adapter keys this patch consumes (for messages); the engine fills in the
+            module's keys when a rule leaves it empty.
+        description: Short human-readable summary for logs, e.g. ``"neuroada k=8"``.
+    """
+
+    target: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    check: Callable[[BaseTensorInfo], None] = field(default=lambda info: None)
+    sources: tuple[str, ...] = ()
+    description: str = ""
+
+
+class CheckpointRule(Protocol):
+    """Turns one module's adapter tensors into patches; raises ``AdapterCheckpointError`` for bad ones.
+
+    ``base_tensors`` maps every base tensor name to its info, so a rule can check that the
+    tensors it targets exist and explain mismatches with both shapes.
+    """
+
+    def __call__(self, module: AdapterModule, base_tensors: Mapping[str, BaseTensorInfo]) -> Iterable[TensorPatch]: ...
+
+
+_PEFT_ONLY = {"LORA", "ADALORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "DORA", "VERA", "FOURIERFT", "BONE", "SHIRA"}
+
+
+def method_for_adapter(peft_type: str) -> MethodSpec:
+    """The registered method whose PEFT type is ``peft_type``; :class:`UnsupportedAdapterError` otherwise."""
+    try:
+        return method_for_peft_type(peft_type)
+    except UnknownMethodError:
+        known = ", ".join(f"{spec.name} ({spec.peft_type})" for spec in methods().values()) or "none"
+        hint = (
+            " For PEFT's own methods (LoRA, ...) use PEFT itself: PeftModel.from_pretrained(...).merge_and_unload() "
+            "then save_pretrained()."
+            if str(peft_type).upper() in _PEFT_ONLY
+            else ""
+        )
+        raise UnsupportedAdapterError(
+            f"No method of neuroada-plugin has peft_type {peft_type!r}, so the streaming merge has no rule for it "
+            f"(known methods: {known}).{hint}"
+        ) from None
+
+
+def get_checkpoint_rule(peft_type: str) -> CheckpointRule:
+    """The rule of the method whose PEFT type is ``peft_type`` (through the method registry)."""
+    spec = method_for_adapter(peft_type)
+    rule = spec.merge_rule()
+    if rule is None:
+        raise UnsupportedAdapterError(
+            f"Method {spec.name} ({spec.peft_type}) has no streaming merge rule; merge its adapters with "
+            "PeftModel.from_pretrained(...).merge_and_unload() then save_pretrained()."
+        )
+    return rule
