@@ -72,7 +72,7 @@ def message_rows(questions: list[commonsense.MCQuestion]) -> list[dict[str, list
 
 def export(questions: list[commonsense.MCQuestion], data_dir: Path, name: str, seed: int) -> dict[str, Path]:
     """``{name}.messages.jsonl`` (SFT), ``{name}.dpo.jsonl`` (constructed pairs), ``{name}.alpaca.jsonl``."""
-    paths = commonsense.export_jsonl(questions, data_dir, name, seed)
+    paths = commonsense.export_jsonl(questions, data_dir, name, seed=seed)
     paths["messages"] = commonsense.write_jsonl(message_rows(questions), data_dir / f"{name}.messages.jsonl")
     return paths
 
