@@ -12,12 +12,14 @@ therefore names its classes and its merge rule by import path; they are imported
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "BUILTIN_SPEC_MODULES",
+    "EXTRA_METHODS_ENV",
     "MethodSpec",
     "UnknownMethodError",
     "get_method",
@@ -113,9 +115,14 @@ class MethodSpec:
 
 
 # One line per built-in method: its folder, whose ``__init__`` calls ``register(MethodSpec(...))``
-# and imports nothing heavy. Kept as import
-# paths so that reading the registry costs nothing until a method is asked for.
+# and imports nothing heavy. Kept as import paths so that reading the registry costs nothing
+# until a method is asked for.
 BUILTIN_SPEC_MODULES: tuple[str, ...] = ("neuroada_plugin.neuroada",)
+
+# Methods living outside this package: a comma-separated list of modules that register a spec
+# on import. Read in every process that consults the registry (training scripts, the start-up
+# hook, Axolotl, the merge CLI), so an external method loads and merges like a built-in one.
+EXTRA_METHODS_ENV = "NEUROADA_PLUGIN_METHODS"
 
 _SPECS: dict[str, MethodSpec] = {}
 _BUILTINS_LOADED = False
@@ -136,8 +143,17 @@ def _ensure_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        for module in BUILTIN_SPEC_MODULES:
-            importlib.import_module(module)
+        extra = [m.strip() for m in os.environ.get(EXTRA_METHODS_ENV, "").split(",") if m.strip()]
+        for module in (*BUILTIN_SPEC_MODULES, *extra):
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                if module in BUILTIN_SPEC_MODULES:
+                    raise
+                raise ImportError(
+                    f"{EXTRA_METHODS_ENV} names {module!r}, which cannot be imported ({error}). Put its folder on "
+                    f"PYTHONPATH or remove it from {EXTRA_METHODS_ENV}."
+                ) from error
 
 
 def methods() -> dict[str, MethodSpec]:

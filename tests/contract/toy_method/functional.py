@@ -1,0 +1,10 @@
+"""The toy's merge arithmetic, shared by the in-memory layer and the streaming rule (so they cannot drift)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * a b^T`` computed in float32, returned in ``weight``'s dtype."""
+    return (weight.float() + scale * (a.float() @ b.float())).to(weight.dtype)
