@@ -147,8 +147,8 @@ class NeuroAdaConfig(PeftConfig):
             )
         if self.theta_dtype is not None and self.theta_dtype not in THETA_DTYPES:
             raise ValueError(
-                f"NeuroAdaConfig.theta_dtype must be None (follow PEFT's autocast_adapter_dtype) or one of "
-                f"{THETA_DTYPES}, got {self.theta_dtype!r}."
+                f"NeuroAdaConfig.theta_dtype must be one of {THETA_DTYPES}, or None to follow PEFT's "
+                f"autocast_adapter_dtype, got {self.theta_dtype!r}."
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"NeuroAdaConfig.seed must be an integer, got {self.seed!r}.")
