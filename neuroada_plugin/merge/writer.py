@@ -27,6 +27,9 @@ from .sources import BaseCheckpoint
 __all__ = ["clean_stale", "fsync_tree", "install", "new_staging_folder", "staging_prefix", "write_shards"]
 
 _COPY_CHUNK = 16 * 1024 * 1024
+# Largest single write(): 1 MiB slices write a patched tensor several times faster than one call
+# per tensor (measured on this project's VM: 1.8 GB in 0.5 s vs 2.3-4.4 s with 23 MB writes).
+_WRITE_SLICE = 1024 * 1024
 _TMP_TAG = "neuroada-merge-tmp"
 _OLD_TAG = "neuroada-merge-old"
 
@@ -71,7 +74,7 @@ def _write_chunk(handle, data) -> None:
     """Every byte written from Python memory goes through here (tests simulate a full disk here)."""
     view = memoryview(data).cast("B")
     while view:  # ``handle`` is unbuffered: a write may be partial
-        view = view[handle.write(view) :]
+        view = view[handle.write(view[:_WRITE_SLICE]) :]
 
 
 def _kernel_copy(source_fd: int, target_fd: int, offset: int, count: int) -> int:
@@ -94,7 +97,7 @@ _COPY_FILE_RANGE = getattr(os, "copy_file_range", None)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
-def _copy_range(source, target, begin: int, count: int, buffer: bytearray) -> None:
+def _copy_range(source, target, begin: int, count: int) -> None:
     """Append ``count`` bytes of ``source`` (from ``begin``) to ``target``: in the kernel where possible.
 
     ``copy_file_range`` moves the bytes without passing them through Python (on one 2 GB checkpoint:
@@ -106,10 +109,12 @@ def _copy_range(source, target, begin: int, count: int, buffer: bytearray) -> No
             break
         begin += copied
         count -= copied
+    if count <= 0:
+        return
     source.seek(begin)
-    view = memoryview(buffer)
+    view = memoryview(bytearray(min(count, _COPY_CHUNK)))  # only when the kernel cannot copy
     while count > 0:
-        got = source.readinto(view[: min(count, len(buffer))])
+        got = source.readinto(view[: min(count, len(view))])
         if not got:
             raise CheckpointFileError(f"{source.name}: file ended early while copying (changed during the merge?).")
         _write_chunk(target, view[:got])
@@ -128,7 +133,6 @@ def write_shards(
     the bytes done after each step.
     """
     written = 0
-    buffer = bytearray(_COPY_CHUNK)
     tick = progress or (lambda n: None)
     # Patches touch out*k entries per tensor: intra-op threads cost more than they save, and on
     # a busy machine every parallel region waits for descheduled threads (measured: 26.6 s -> 9.9 s
@@ -149,16 +153,15 @@ def write_shards(
                         run_end = entry.end
                         continue
                     if run_end > run_begin:
-                        _copy_range(source, target, run_begin, run_end - run_begin, buffer)
+                        _copy_range(source, target, run_begin, run_end - run_begin)
                         tick(run_end - run_begin)
                     _write_chunk(target, _patched(source, entry, patches))
                     tick(entry.nbytes)
                     run_begin = run_end = entry.end
                 if run_end > run_begin:
-                    _copy_range(source, target, run_begin, run_end - run_begin, buffer)
+                    _copy_range(source, target, run_begin, run_end - run_begin)
                     tick(run_end - run_begin)
                 written += shard.file_size - len(shard.raw)
-                os.fsync(target.fileno())
     finally:
         torch.set_num_threads(threads)
     return written
