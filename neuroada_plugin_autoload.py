@@ -62,7 +62,15 @@ def _uninstall() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PeftImportFinder)]
 
 
+_REGISTRATION = "neuroada_plugin.peft_registration"
+
+
 def _register() -> None:
+    registration = sys.modules.get(_REGISTRATION)
+    if registration is not None and getattr(getattr(registration, "__spec__", None), "_initializing", False):
+        # That module's own `import peft` fired the hook: it registers when its body finishes.
+        registration._registration_deferred = True
+        return
     from neuroada_plugin.peft_registration import register_all
 
     register_all()

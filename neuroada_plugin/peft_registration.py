@@ -146,3 +146,9 @@ def register_all() -> list[str]:
     for spec in methods().values():
         _register_spec(spec)
     return sorted(_REGISTERED)
+
+
+# When the `import peft` above was the process's first, the start-up hook fired inside it and,
+# unable to call into this half-imported module, left this flag: register now that it is complete.
+if globals().pop("_registration_deferred", False):
+    register_all()

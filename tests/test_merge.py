@@ -32,12 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(vocab_size=1000)
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """This environment for a fresh process, without test-only method modules it could not import."""
-    env = {k: v for k, v in os.environ.items() if k != "NEUROADA_PLUGIN_METHODS"}
-    return {**env, **extra}
-
-
 def _merge(base, adapter, out, **kwargs):
     return merge_adapter_checkpoint(base, adapter, out, progress=False, log=None, **kwargs)
 
@@ -328,7 +322,7 @@ def test_merge_overflowing_a_half_precision_weight_writes_nothing(tmp_path):
 
 def test_cli_help_and_verify(fp32_single, tmp_path, capsys):
     """``python -m neuroada_plugin.merge`` (the alias) with --verify, then ``neuroada-plugin verify`` on its output."""
-    env = _env(PYTHONPATH=str(REPO))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     shown = subprocess.run(
         [sys.executable, "-m", "neuroada_plugin.merge", "--help"], capture_output=True, text=True, env=env, timeout=60
     )

@@ -41,12 +41,6 @@ TESTS = Path(__file__).resolve().parent
 PROJ = [f"model.layers.{i}.proj" for i in range(3)]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """This environment for a fresh process, without test-only method modules it could not import."""
-    env = {k: v for k, v in os.environ.items() if k != "NEUROADA_PLUGIN_METHODS"}
-    return {**env, **extra}
-
-
 @pytest.fixture(autouse=True)
 def toy_method():
     with toy_merge_method.registered() as spec:
@@ -446,7 +440,6 @@ def test_killed_mid_write_leaves_no_output(toy, tmp_path, signame):
         [sys.executable, "-c", _KILL_AFTER_FIRST_CHUNKS, signame, str(TESTS), *args],
         capture_output=True,
         text=True,
-        env=_env(),
         timeout=120,
     )
     assert not out.exists()
@@ -456,7 +449,7 @@ def test_killed_mid_write_leaves_no_output(toy, tmp_path, signame):
         assert len(stale) == 1 and any(stale[0].iterdir()), "expected the killed run's staging folder"
         # The next run removes the dead run's staging folder and succeeds.
         rerun = subprocess.run(
-            [sys.executable, "-c", _RERUN, str(TESTS), *args], capture_output=True, text=True, env=_env(), timeout=120
+            [sys.executable, "-c", _RERUN, str(TESTS), *args], capture_output=True, text=True, timeout=120
         )
         assert rerun.returncode == 0, rerun.stderr
         assert "interrupted merge" in rerun.stderr
@@ -550,7 +543,7 @@ def test_cli_and_merge_engine_import_neither_peft_nor_transformers():
         "assert not heavy, heavy\n"
         "print(sorted(neuroada_plugin.registry.methods()))\n"
     )
-    env = _env(PYTHONPATH=str(REPO))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "neuroada" in result.stdout

@@ -16,17 +16,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "merge_startup.py"
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """This environment for a fresh process, without test-only method modules it could not import."""
-    env = {k: v for k, v in os.environ.items() if k != "NEUROADA_PLUGIN_METHODS"}
-    return {**env, **extra}
-
-
 def test_merge_startup_quick_run_writes_complete_results(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--output-dir", str(tmp_path), "--workdir", str(tmp_path)],
         cwd=REPO_ROOT,
-        env=_env(PYTHONWARNINGS="ignore"),
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
         capture_output=True,
         text=True,
         timeout=300,

@@ -301,7 +301,7 @@ def test_registration_is_idempotent_across_reload():
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     import neuroada_plugin.neuroada as method
-    import neuroada_plugin.registration as registration
+    import neuroada_plugin.peft_registration as registration
 
     importlib.reload(registration)
     reloaded = importlib.reload(method)

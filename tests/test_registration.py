@@ -16,18 +16,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """This environment for a fresh process, without test-only method modules it could not import."""
-    env = {k: v for k, v in os.environ.items() if k != "NEUROADA_PLUGIN_METHODS"}
-    return {**env, **extra}
-
-
 def _run(code: str, **env: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        env=_env(PYTHONPATH=str(REPO), **env),
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
         cwd=REPO,
         timeout=300,
     )
@@ -93,7 +87,7 @@ def test_lazy_names_and_python_dash_m():
         [sys.executable, "-m", "neuroada_plugin", "methods"],
         capture_output=True,
         text=True,
-        env=_env(PYTHONPATH=str(REPO)),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=120,
     )
     assert listed.returncode == 0 and listed.stdout.splitlines()[1].startswith("neuroada "), listed.stderr

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
 
 SELECTIONS = ("magnitude", "smallest", "random")
 THETA_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -126,9 +125,10 @@ class NeuroAdaConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..registration import ensure_peft_type
+        from ..peft_registration import ensure_registered
 
-        self.peft_type = ensure_peft_type("neuroada")
+        # Creating a config always leaves the method registered with PEFT, whatever was imported first.
+        self.peft_type = ensure_registered("neuroada")
         self._validate()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -175,9 +175,3 @@ class NeuroAdaConfig(PeftConfig):
 
         return getattr(torch, self.theta_dtype) if self.theta_dtype is not None else None
 
-
-def peft_type() -> PeftType:
-    """The ``PeftType`` member of NeuroAda (added to PEFT's enum on first use)."""
-    from ..registration import ensure_peft_type
-
-    return ensure_peft_type("neuroada")

@@ -11,11 +11,12 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..errors import AdapterCheckpointError, MergeError
+from ..errors import AdapterCheckpointError
 from .config import NeuroAdaConfig
 from .csr_bypass import CSR_MIN_K, CsrPattern, csr_path_supported, csr_pattern
-from .functional import compact_columns, merged_entries, sparse_bypass
+from .functional import compact_columns, sparse_bypass
 from .selection import select_connections
+from .validation import check_fits, check_indices, check_theta, index_span, merge_values, put_entries_
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -184,7 +185,7 @@ class NeuroAdaLayer(BaseTunerLayer):
             if name not in self.neuroada_theta:
                 continue
             indices, original, updated = self._merge_plan(name)
-            weight.data.scatter_(1, indices, updated)
+            put_entries_(weight.data, indices, updated)
             self._merge_backup[name] = original
             self.merged_adapters.append(name)
 
@@ -199,14 +200,12 @@ class NeuroAdaLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         indices = self._checked_indices(name).to(weight.device)
         original = weight.data.gather(1, indices)
-        updated = merged_entries(original, self.neuroada_theta[name].detach().to(weight.device))
-        if not torch.isfinite(updated).all():
-            bad = (~torch.isfinite(updated)).sum().item()
-            raise MergeError(
-                f"Merging NeuroAda adapter {name!r} into layer {self._layer_name()} would write {bad} "
-                f"non-finite value(s) into a {weight.dtype} weight (theta has NaN/inf or overflows the "
-                "dtype). Nothing was merged."
-            )
+        updated = merge_values(
+            original,
+            self.neuroada_theta[name].detach().to(weight.device),
+            what=f"NeuroAda adapter {name!r} into layer {self._layer_name()}",
+            outcome="Nothing was merged.",
+        )
         return indices, original, updated
 
     def unmerge(self) -> None:
@@ -223,7 +222,7 @@ class NeuroAdaLayer(BaseTunerLayer):
             if original is None:  # e.g. merged state restored from elsewhere: best effort
                 theta = self.neuroada_theta[name].detach().to(weight.device)
                 original = (weight.data.gather(1, indices).to(theta.dtype) - theta).to(weight.dtype)
-            weight.data.scatter_(1, indices, original.to(weight.dtype))
+            put_entries_(weight.data, indices, original)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._merge_backup.pop(adapter_name, None)
@@ -281,56 +280,16 @@ class Linear(nn.Module, NeuroAdaLayer):
         layer = prefix.removeprefix(_PEFT_MODEL_PREFIX).rstrip(".") or self._layer_name()
         base_shape = [self.out_features, self.in_features]
         index_prefix, theta_prefix = f"{prefix}neuroada_indices.", f"{prefix}neuroada_theta."
+        where = f"layer {layer}"
         for key in [k for k in state_dict if k.startswith(index_prefix)]:
-            indices = state_dict[key]
-            if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-                raise AdapterCheckpointError(
-                    f"NeuroAda checkpoint entry {key!r} (layer {layer}) has dtype {indices.dtype}; connection "
-                    "indices must be integers. The file was corrupted or rewritten by a tool that cast every "
-                    "tensor to float; re-save the adapter from the trained model."
-                )
-            if indices.dim() != 2 or indices.shape[0] != self.out_features:
-                raise AdapterCheckpointError(
-                    f"NeuroAda adapter does not fit layer {layer}: the checkpoint's indices have shape "
-                    f"{list(indices.shape)} (expected [{self.out_features}, k]), but the base weight here has shape "
-                    f"{base_shape}. The adapter was trained on a different base model."
-                )
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.in_features):
-                raise AdapterCheckpointError(
-                    f"NeuroAda adapter does not fit layer {layer}: its connection indices span "
-                    f"[{int(indices.min())}, {int(indices.max())}] but the base weight here has shape {base_shape} "
-                    f"(valid input indices 0..{self.in_features - 1}). The adapter was trained on a different base "
-                    "model, or the file is corrupted."
-                )
-            if indices.shape[1] > 1:
-                ordered = indices.sort(dim=1).values
-                if (ordered[:, 1:] == ordered[:, :-1]).any():
-                    raise AdapterCheckpointError(
-                        f"NeuroAda checkpoint entry {key!r} (layer {layer}) repeats an input index within a row; "
-                        "every output neuron's connections must be distinct. The file is corrupted."
-                    )
-            state_dict[key] = indices.to(torch.int64)
+            indices = check_indices(state_dict[key], where=where, key=key)
+            check_fits(tuple(indices.shape), index_span(indices), base_shape, where=where, weight="the base weight here")
+            state_dict[key] = indices
             self._pending_selection.pop(key[len(index_prefix) :], None)
         for key in [k for k in state_dict if k.startswith(theta_prefix)]:
-            theta = state_dict[key]
             name = key[len(theta_prefix) :]
-            expected = (
-                list(self.neuroada_theta[name].shape) if name in self.neuroada_theta else [self.out_features, None]
-            )
-            if (
-                theta.dim() != 2
-                or theta.shape[0] != self.out_features
-                or (expected[1] is not None and theta.shape[1] != expected[1])
-            ):
-                raise AdapterCheckpointError(
-                    f"NeuroAda adapter does not fit layer {layer}: the checkpoint's theta has shape "
-                    f"{list(theta.shape)}, this model expects {expected} for a base weight of shape {base_shape}. "
-                    "The adapter was trained on a different base model or with a different top_k."
-                )
-            if not theta.is_floating_point():
-                raise AdapterCheckpointError(
-                    f"NeuroAda checkpoint entry {key!r} (layer {layer}) has dtype {theta.dtype}; theta must be float."
-                )
+            k = self.neuroada_theta[name].shape[1] if name in self.neuroada_theta else None
+            check_theta(state_dict[key], where=where, key=key, expected=(self.out_features, k), base_shape=base_shape)
 
     def __repr__(self) -> str:
         return "neuroada." + super().__repr__()

@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from neuroada_plugin.merge import merge_adapter_checkpoint
-from neuroada_plugin.registry import MethodSpec, methods
+from neuroada_plugin.registry import EXTRA_METHODS_ENV, MethodSpec, methods
 
 CONTRACT_DIR = Path(__file__).resolve().parent
+TOY_MODULE = "toy_method"  # tests/contract/toy_method: the test-only second method
 REPO = CONTRACT_DIR.parent.parent
 SPECS = list(methods().values())
 IDS = [spec.name for spec in SPECS]
@@ -152,6 +153,7 @@ def fresh_process_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("NEUROADA_PLUGIN_NO_AUTOLOAD", None)
     env["PYTHONPATH"] = os.pathsep.join([str(CONTRACT_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env[EXTRA_METHODS_ENV] = TOY_MODULE
     return env
 
 
