@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -88,7 +89,8 @@ class NeuroAdaLayer(BaseTunerLayer):
             indices = torch.full((self.out_features, k), -1, dtype=torch.int64, device=weight.device)
             self._pending_selection[adapter_name] = config
         else:
-            indices = select_connections(weight, k, config.selection, seed=config.seed, salt=module_name)
+            with self._weight_for_reading() as full_weight:
+                indices = select_connections(full_weight, k, config.selection, seed=config.seed, salt=module_name)
         self.neuroada_indices[adapter_name] = indices
         self.set_adapter(self.active_adapters)
 
@@ -115,15 +117,25 @@ class NeuroAdaLayer(BaseTunerLayer):
     def _resolve_pending_selection(self) -> None:
         """Run the deferred selections that no loaded file supplied (from the unmerged weight)."""
         for name, config in list(self._pending_selection.items()):
-            weight = self.get_base_layer().weight
-            self.neuroada_indices[name] = select_connections(
-                weight,
-                config.top_k,
-                config.selection,
-                seed=config.seed,
-                salt=getattr(self, "_neuroada_module_name", ""),
-            )
+            with self._weight_for_reading() as weight:
+                self.neuroada_indices[name] = select_connections(
+                    weight,
+                    config.top_k,
+                    config.selection,
+                    seed=config.seed,
+                    salt=getattr(self, "_neuroada_module_name", ""),
+                )
             del self._pending_selection[name]
+
+    @contextmanager
+    def _weight_for_reading(self) -> Iterator[torch.Tensor]:
+        """The base weight as a full floating-point ``[out, in]`` tensor, to read from (selection).
+
+        The one place that knows how the base layer stores its weight: selection never reads
+        ``base_layer.weight`` directly, so sharded (ZeRO-3) or quantized base layers only need
+        to extend this (gather one layer / dequantize one layer, for the duration of the read).
+        """
+        yield self.get_base_layer().weight
 
     def _checked_indices(self, adapter_name: str) -> torch.Tensor:
         if self._pending_selection:
@@ -283,7 +295,9 @@ class Linear(nn.Module, NeuroAdaLayer):
         where = f"layer {layer}"
         for key in [k for k in state_dict if k.startswith(index_prefix)]:
             indices = check_indices(state_dict[key], where=where, key=key)
-            check_fits(tuple(indices.shape), index_span(indices), base_shape, where=where, weight="the base weight here")
+            check_fits(
+                tuple(indices.shape), index_span(indices), base_shape, where=where, weight="the base weight here"
+            )
             state_dict[key] = indices
             self._pending_selection.pop(key[len(index_prefix) :], None)
         for key in [k for k in state_dict if k.startswith(theta_prefix)]:
