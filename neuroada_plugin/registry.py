@@ -11,6 +11,7 @@ therefore names its classes and its merge rule by import path; they are imported
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable
@@ -108,6 +109,26 @@ class MethodSpec:
     def tuner_class(self) -> type:
         """The ``BaseTuner`` subclass (imports PEFT)."""
         return load_object(self.tuner)
+
+    def config_fields(self) -> list[dataclasses.Field]:
+        """The config fields offered as Axolotl YAML keys and example flags (imports PEFT).
+
+        ``exposed_fields`` when set; otherwise every field the config class declares beyond PEFT's
+        own ``PeftConfig`` fields (task type, inference mode, ... belong to the trainer).
+        """
+        from peft import PeftConfig
+
+        config_cls = self.config_class()
+        declared = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+        if self.exposed_fields:
+            unknown = [name for name in self.exposed_fields if name not in declared]
+            if unknown:
+                raise TypeError(
+                    f"MethodSpec {self.name!r} exposes {unknown}, which are not fields of {config_cls.__name__}."
+                )
+            return [declared[name] for name in self.exposed_fields]
+        inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+        return [f for name, f in declared.items() if name not in inherited]
 
     def merge_rule(self) -> Callable[..., Any] | None:
         """The streaming-merge rule, or ``None`` when the method has none."""

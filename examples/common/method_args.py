@@ -43,18 +43,8 @@ def method_title(method: str | MethodSpec) -> str:
 
 
 def exposed_fields(spec: MethodSpec) -> list[dataclasses.Field]:
-    """The config dataclass fields offered as flags, in declaration order (see the module docstring)."""
-    from peft import PeftConfig
-
-    config_cls = spec.config_class()
-    declared = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
-    if spec.exposed_fields:
-        unknown = [name for name in spec.exposed_fields if name not in declared]
-        if unknown:
-            raise ValueError(f"{spec.name}: exposed_fields {unknown} are not fields of {config_cls.__name__}.")
-        return [declared[name] for name in spec.exposed_fields]
-    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
-    return [f for name, f in declared.items() if name not in inherited]
+    """The config dataclass fields offered as flags (:meth:`MethodSpec.config_fields`), in declaration order."""
+    return spec.config_fields()
 
 
 def _cli_type(hint: Any) -> Any:

@@ -25,22 +25,8 @@ _STRICT = {int: StrictInt, bool: StrictBool}
 
 
 def exposed_fields(spec: MethodSpec) -> list[dataclasses.Field]:
-    """The config fields a method offers as YAML keys and example flags.
-
-    ``spec.exposed_fields`` when set; otherwise every field the config class declares beyond
-    PEFT's own ``PeftConfig`` fields (task type, inference mode, ... are Axolotl's business).
-    """
-    from peft import PeftConfig
-
-    config_cls = spec.config_class()
-    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
-    if spec.exposed_fields:
-        unknown = sorted(set(spec.exposed_fields) - set(fields))
-        if unknown:
-            raise TypeError(f"MethodSpec {spec.name!r} exposes {unknown}, which {config_cls.__name__} does not have.")
-        return [fields[name] for name in spec.exposed_fields]
-    peft_own = {f.name for f in dataclasses.fields(PeftConfig)}
-    return [f for name, f in fields.items() if name not in peft_own]
+    """The config fields a method offers as YAML keys (:meth:`MethodSpec.config_fields`)."""
+    return spec.config_fields()
 
 
 def yaml_key(spec: MethodSpec, field_name: str) -> str:
