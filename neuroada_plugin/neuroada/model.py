@@ -8,7 +8,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..errors import UnsupportedTargetError
+from ..errors import AdapterCheckpointError, UnsupportedTargetError
+from .bnb import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind, dispatch_bnb
 from .config import DEFAULT_TARGET_MODULES, NeuroAdaConfig
 from .layer import Linear, NeuroAdaLayer
 
@@ -16,9 +17,10 @@ from .layer import Linear, NeuroAdaLayer
 class NeuroAdaModel(BaseTuner):
     """PEFT tuner for NeuroAda. Create it through ``peft.get_peft_model(model, NeuroAdaConfig())``.
 
-    Only ``torch.nn.Linear`` layers with a floating-point weight are adapted; GPT-2 style
-    ``Conv1D``, quantized layers (bitsandbytes, GPTQ, AWQ, ...) and other module types are
-    rejected with :class:`~neuroada_plugin.errors.UnsupportedTargetError` naming the module.
+    ``torch.nn.Linear`` layers with a floating-point weight and bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt`` layers (QLoRA-style, :mod:`.bnb`) are adapted; GPT-2 style ``Conv1D``, other
+    quantized layers (GPTQ, AWQ, HQQ, torchao, ...) and other module types are rejected with
+    :class:`~neuroada_plugin.errors.UnsupportedTargetError` naming the module.
     """
 
     prefix: str = "neuroada_"
@@ -39,7 +41,10 @@ class NeuroAdaModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, module_name=current_key)
             return
         check_supported_target(target, current_key)
-        new_module = Linear(target, adapter_name, peft_config, module_name=current_key)
+        # bitsandbytes layers get their quantized variant (the base layer's own quantized forward + the bypass).
+        new_module = dispatch_bnb(target, adapter_name, peft_config, module_name=current_key)
+        if new_module is None:
+            new_module = Linear(target, adapter_name, peft_config, module_name=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -69,7 +74,7 @@ class NeuroAdaModel(BaseTuner):
                 if peft_config.top_k > base.in_features:
                     raise ValueError(
                         f"top_k={peft_config.top_k} exceeds in_features={base.in_features} of layer {key} "
-                        f"(weight shape {list(base.weight.shape)}); lower top_k or exclude this layer."
+                        f"(weight shape {[base.out_features, base.in_features]}); lower top_k or exclude this layer."
                     )
             except (UnsupportedTargetError, ValueError) as error:
                 problems.append(error)
@@ -107,7 +112,9 @@ class NeuroAdaModel(BaseTuner):
                 module._resolve_pending_selection()
             fresh = model.state_dict()
             kwargs["state_dict"] = {key: fresh.get(key, value) for key, value in kwargs["state_dict"].items()}
-        return super()._get_adapter_state_dict(model, *args, **kwargs)
+        result = super()._get_adapter_state_dict(model, *args, **kwargs)
+        _check_complete(result)
+        return result
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's cast (bf16/fp16 adapters upcast to float32 unless ``autocast_adapter_dtype=False``), except
@@ -133,10 +140,32 @@ class NeuroAdaModel(BaseTuner):
             raise TypeError(f"NeuroAdaModel needs a NeuroAdaConfig, got {type(config).__name__}.")
 
 
+def _check_complete(state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse to save an adapter whose tensors are ZeRO-3 partitions (0 or a slice of the elements).
+
+    ``model.state_dict()`` of a ZeRO-3 model holds each rank's partition, not the values; saving it
+    would write an empty adapter silently (a known failure of PEFT methods after ZeRO-3 runs).
+    """
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if (".neuroada_theta." in key or ".neuroada_indices." in key) and (value.dim() != 2 or value.numel() == 0)
+    ]
+    if bad:
+        raise AdapterCheckpointError(
+            f"NeuroAda adapter state holds {len(bad)} partitioned (empty or flattened) tensor(s), e.g. {bad[0]}: the "
+            "model is sharded with DeepSpeed ZeRO-3. Save the consolidated state instead, gathered on every rank: "
+            "model.save_pretrained(dir, state_dict=engine._zero3_consolidated_16bit_state_dict()) (Trainer, TRL and "
+            "Axolotl do this when `stage3_gather_16bit_weights_on_model_save` is true)."
+        )
+
+
 def check_supported_target(target: nn.Module, module_name: str) -> None:
-    """Raise :class:`UnsupportedTargetError` unless ``target`` is a plain float ``nn.Linear``."""
+    """Raise :class:`UnsupportedTargetError` unless ``target`` is a float ``nn.Linear`` or a bitsandbytes layer."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     kind = type(base).__name__
+    if bnb_layer_kind(base) is not None:
+        return
     weight = getattr(base, "weight", None)
     quantized = (
         hasattr(base, "quant_state")
@@ -147,8 +176,9 @@ def check_supported_target(target: nn.Module, module_name: str) -> None:
     )
     if quantized:
         raise UnsupportedTargetError(
-            f"NeuroAda cannot adapt {module_name} ({kind}): it is quantized. The sparse update needs an exact "
-            "floating-point weight to select from and merge into; load the base model unquantized (e.g. bf16)."
+            f"NeuroAda cannot adapt {module_name} ({kind}): it is quantized with a scheme NeuroAda does not support. "
+            f"Supported quantized layers: {'; '.join(SUPPORTED_QUANTIZED_LAYERS.values())}. Load the base model "
+            "with bitsandbytes (BitsAndBytesConfig) or unquantized (e.g. bf16)."
         )
     if kind == "Conv1D":
         raise UnsupportedTargetError(

@@ -1,0 +1,273 @@
+"""NeuroAda on bitsandbytes-quantized base layers (QLoRA-style): ``Linear4bit`` (NF4/FP4) and ``Linear8bitLt``.
+
+The frozen weight stays quantized. The forward pass is the base layer's own quantized matmul
+plus the sparse bypass, which needs only the layer input, the indices and theta, so nothing
+changes there (:class:`~.layer.Linear`'s forward is used as it is). What differs is reading
+the weight:
+
+* selection reads the *dequantized* weight, one layer at a time, for the duration of the read
+  (:meth:`QuantizedLinear._weight_for_reading`); the indices are saved with the adapter as
+  always, so the adapter does not depend on the quantization;
+* ``merge`` dequantizes the layer, adds theta at the selected entries and re-quantizes it (with a
+  warning: re-quantizing rounds, so the merged layer is not exactly base + theta). ``unmerge``
+  restores the quantized weight that was there before the merge, byte for byte (it is kept
+  until then). For an exact merged checkpoint, merge into the full-precision original with
+  ``neuroada-plugin merge --base <original> --adapter <adapter>``.
+
+bitsandbytes is imported only when a model already holds bitsandbytes layers (it is then in
+``sys.modules``); importing this module costs nothing beyond the layer module.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import NeuroAdaConfig
+from .layer import Linear, NeuroAdaLayer
+from .validation import merge_values, put_entries_
+
+__all__ = [
+    "SUPPORTED_QUANTIZED_LAYERS",
+    "Linear4bit",
+    "Linear8bitLt",
+    "QuantizedLinear",
+    "bnb_layer_kind",
+    "dequantize_weight",
+    "dispatch_bnb",
+]
+
+# Layer kinds this module adapts, as named in MethodSpec.quantized_layers and in messages.
+SUPPORTED_QUANTIZED_LAYERS = {
+    "bnb_4bit": "bitsandbytes Linear4bit (load_in_4bit, NF4 or FP4, any compute dtype)",
+    "bnb_8bit": "bitsandbytes Linear8bitLt (load_in_8bit)",
+}
+
+
+def bnb_layer_kind(module: nn.Module) -> str | None:
+    """``"bnb_4bit"`` / ``"bnb_8bit"`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (or subclass), else ``None``.
+
+    Never imports bitsandbytes: a model can only hold its layers once it has been imported.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "bnb_4bit"
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return "bnb_8bit"
+    return None
+
+
+def _int8_scales(layer: nn.Module) -> torch.Tensor | None:
+    """Row scales of an int8 weight: on the weight until the first forward, on ``layer.state`` after it."""
+    scales = getattr(layer.weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(layer, "state", None), "SCB", None)
+    return scales
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` floating-point weight a bitsandbytes layer computes with (a new tensor).
+
+    4-bit: ``dequantize_4bit`` (in the dtype the weight had when it was quantized). 8-bit:
+    ``int8 * SCB / 127`` per row, in float32; a ``Linear8bitLt`` that keeps fp16 weights
+    (``has_fp16_weights=True``) returns a copy of them.
+    """
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    kind = bnb_layer_kind(layer)
+    if kind == "bnb_4bit":
+        if weight.quant_state is None:  # not quantized yet (e.g. still on the meta device / before .to())
+            return weight.data.clone()
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "bnb_8bit":
+        if weight.dtype.is_floating_point:
+            return weight.data.clone()
+        scales = _int8_scales(layer)
+        if scales is None:
+            raise RuntimeError(f"{type(layer).__name__}: int8 weight without row scales (SCB); cannot dequantize it.")
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
+    raise TypeError(f"{type(layer).__name__} is not a bitsandbytes Linear4bit/Linear8bitLt layer.")
+
+
+class QuantizedLinear(Linear):
+    """NeuroAda around a bitsandbytes layer: ``y = base(x) (quantized matmul) + sparse bypass``.
+
+    Subclasses say how to re-quantize a merged weight and what to keep for an exact unmerge.
+    """
+
+    quantization = ""  # key of SUPPORTED_QUANTIZED_LAYERS
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
+        nn.Module.__init__(self)
+        NeuroAdaLayer.__init__(self, base_layer)
+        # A packed 4-bit weight is [n_bytes, 1]: the layer's own features are the logical shape.
+        base = self.get_base_layer()
+        self.out_features, self.in_features = base.out_features, base.in_features
+        self._neuroada_module_name = module_name
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    @contextmanager
+    def _weight_for_reading(self) -> Iterator[torch.Tensor]:
+        """The dequantized ``[out, in]`` weight of this layer only, freed when the read ends."""
+        weight = dequantize_weight(self.get_base_layer())
+        try:
+            yield weight
+        finally:
+            del weight
+
+    # -- merging: dequantize, add, re-quantize ------------------------------------------------------------
+
+    def _merge_plan(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices, current values and merged values of the entries adapter ``name`` touches in ``weight``
+        (the *dequantized* weight: :meth:`_weight_for_reading`)."""
+        indices = self._checked_indices(name).to(weight.device)
+        original = weight.gather(1, indices)
+        updated = merge_values(
+            original,
+            self.neuroada_theta[name].detach().to(weight.device),
+            what=f"NeuroAda adapter {name!r} into the {self.quantization} layer {self._layer_name()}",
+            outcome="Nothing was merged.",
+        )
+        return indices, original, updated
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise :class:`MergeError` if merging ``adapter_names`` would write NaN/inf; changes nothing."""
+        wanted = adapter_names if adapter_names is not None else self.active_adapters
+        names = [n for n in wanted if n in self.neuroada_theta and n not in self.merged_adapters]
+        if names:
+            with self._weight_for_reading() as dense:
+                for name in names:
+                    self._merge_plan(name, dense)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Dequantize, write ``W[i, idx[i, j]] += theta[i, j]``, re-quantize (warns: re-quantizing rounds).
+
+        NaN/inf are checked before anything is replaced. The quantized weight in place before
+        each merge is kept, so :meth:`unmerge` restores it exactly.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.neuroada_theta:
+                continue
+            warnings.warn(
+                f"Merging NeuroAda adapter {name!r} into the {self.quantization} layer {self._layer_name()}: the "
+                "layer is dequantized, updated and re-quantized, which rounds (the merged layer is not exactly base "
+                "+ theta). For an exact merge, merge into the full-precision original: neuroada-plugin merge --base "
+                "<original> --adapter <adapter>.",
+                UserWarning,
+                stacklevel=2,
+            )
+            with self._weight_for_reading() as dense:
+                indices, _, updated = self._merge_plan(name, dense)
+                put_entries_(dense, indices, updated)
+                self._merge_backup[name] = self._quantized_state()
+                self._set_quantized(dense)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the quantized weight from before the merges, byte for byte."""
+        if not self.merged:
+            return
+        restore, unmerged = None, []
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            unmerged.append(name)
+            restore = self._merge_backup.pop(name, restore)
+        if restore is not None:
+            self._restore_quantized(restore)
+            return
+        # No pre-merge copy (merged state restored from elsewhere): subtract theta and re-quantize (rounds).
+        for name in unmerged:
+            if name not in self.neuroada_theta:
+                continue
+            with self._weight_for_reading() as dense:
+                indices = self._checked_indices(name).to(dense.device)
+                theta = self.neuroada_theta[name].detach().to(dense.device)
+                put_entries_(dense, indices, dense.gather(1, indices).to(theta.dtype) - theta)
+                self._set_quantized(dense)
+
+    def _quantized_state(self) -> Any:
+        raise NotImplementedError
+
+    def _set_quantized(self, dense: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _restore_quantized(self, state: Any) -> None:
+        raise NotImplementedError
+
+
+class Linear4bit(QuantizedLinear):
+    """NeuroAda around ``bitsandbytes.nn.Linear4bit`` (NF4 or FP4, double quantization or not, any compute dtype)."""
+
+    quantization = "bnb_4bit"
+
+    def _quantized_state(self) -> Any:
+        return self.get_base_layer().weight
+
+    def _set_quantized(self, dense: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        base = self.get_base_layer()
+        weight = base.weight
+        # The same settings (blocksize, quant type, double quantization, storage dtype) as before.
+        settings = {
+            key: value
+            for key, value in weight.__dict__.items()
+            if not key.startswith("_") and key not in ("data", "quant_state", "bnb_quantized")
+        }
+        settings["requires_grad"] = False
+        base.weight = bnb.nn.Params4bit(dense.to("cpu"), **settings).to(weight.device)
+
+    def _restore_quantized(self, state: Any) -> None:
+        self.get_base_layer().weight = state
+
+
+class Linear8bitLt(QuantizedLinear):
+    """NeuroAda around ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8())."""
+
+    quantization = "bnb_8bit"
+
+    def _quantized_state(self) -> Any:
+        base = self.get_base_layer()
+        return base.weight, base.state.CB, base.state.SCB
+
+    def _set_quantized(self, dense: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        base = self.get_base_layer()
+        weight = base.weight
+        base.weight = bnb.nn.Int8Params(
+            dense.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
+        ).to(weight.device)
+        # Clears the state's CB/SCB: the next forward moves the new weight's into it (bitsandbytes' init_8bit_state).
+        base.state.reset_grads()
+
+    def _restore_quantized(self, state: Any) -> None:
+        base = self.get_base_layer()
+        base.state.reset_grads()  # clears CB/SCB too: restore them afterwards
+        base.weight, base.state.CB, base.state.SCB = state
+
+
+_LAYERS = {"bnb_4bit": Linear4bit, "bnb_8bit": Linear8bitLt}
+
+
+def dispatch_bnb(
+    target: nn.Module, adapter_name: str, config: NeuroAdaConfig, module_name: str = ""
+) -> nn.Module | None:
+    """The NeuroAda layer for a bitsandbytes ``target``, or ``None`` when it is not one (as PEFT's ``dispatch_bnb_*``)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    kind = bnb_layer_kind(base)
+    if kind is None:
+        return None
+    return _LAYERS[kind](target, adapter_name, config, module_name=module_name)

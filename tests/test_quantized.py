@@ -1,0 +1,313 @@
+"""NeuroAda on bitsandbytes-quantized bases (QLoRA-style): 4-bit NF4/FP4 (any compute dtype) and 8-bit.
+
+Every check compares against an independent reference built from the dequantized weight:
+selection == per-row top-|W|, forward == the base layer's own output + a dense bypass,
+gradients == the dense formula and reach theta only, merge == dequantize + ``W[i, idx] += theta``
++ re-quantize, and an adapter trained on the 4-bit base merges into the full-precision original
+exactly as ``W[i, idx] += theta``. bitsandbytes 0.50 runs all of it on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
+from neuroada_plugin.errors import UnsupportedTargetError
+from neuroada_plugin.neuroada.bnb import QuantizedLinear, dequantize_weight
+
+from tiny_models import tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = torch.tensor([[5, 17, 99, 1024, 7, 3, 250, 48000], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+# name -> BitsAndBytesConfig kwargs
+QUANTIZATIONS = {
+    "nf4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "nf4-bf16-double": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    ),
+    "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+    "int8": dict(load_in_8bit=True),
+}
+LAYER_CLASS = {"int8": bnb.nn.Linear8bitLt}
+
+
+@pytest.fixture(scope="module")
+def full_precision_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-fp32")
+    tiny_llama(seed=3).save_pretrained(folder)
+    return folder
+
+
+def load_quantized(folder: Path, quantization: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[quantization]), device_map="cpu"
+        )
+
+
+def neuroada_layers(model) -> dict[str, QuantizedLinear]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NeuroAdaLayer)}
+    assert len(layers) == 14
+    return layers
+
+
+def dense_delta(layer: NeuroAdaLayer, name: str = "default") -> torch.Tensor:
+    """Independent reference: an [out, in] zero matrix with theta written at (i, idx[i, j])."""
+    theta = layer.neuroada_theta[name].detach().float()
+    indices = layer.neuroada_indices[name]
+    delta = torch.zeros(layer.out_features, layer.in_features)
+    for i in range(indices.shape[0]):
+        for j in range(indices.shape[1]):
+            delta[i, indices[i, j]] += theta[i, j]
+    return delta
+
+
+@pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
+def test_quantized_layers_select_forward_and_train_theta_only(full_precision_dir, quantization):
+    model = load_quantized(full_precision_dir, quantization)
+    expected_class = LAYER_CLASS.get(quantization, bnb.nn.Linear4bit)
+    base_logits = model(TOKENS).logits.detach()
+    peft_model = get_peft_model(model, NeuroAdaConfig(top_k=3))
+    # Zero init: the adapted model computes exactly what the quantized base computed.
+    assert torch.equal(peft_model(TOKENS).logits.detach(), base_logits)
+
+    for name, layer in neuroada_layers(peft_model).items():
+        assert isinstance(layer, QuantizedLinear) and isinstance(layer.base_layer, expected_class), name
+        assert (layer.out_features, layer.in_features) == (layer.base_layer.out_features, layer.base_layer.in_features)
+        # Selection == per-row top-|W| of the dequantized weight (compared by value: NF4 levels tie).
+        magnitude = dequantize_weight(layer.base_layer).float().abs()
+        indices = layer.neuroada_indices["default"]
+        assert indices.shape == (layer.out_features, 3)
+        assert all(len(set(row.tolist())) == 3 for row in indices)
+        chosen = magnitude.gather(1, indices).sort(dim=1, descending=True).values
+        assert torch.equal(chosen, magnitude.topk(3, dim=1).values), name
+
+    # Forward == base layer's own (quantized) output + dense bypass; gradients by the dense formula.
+    torch.manual_seed(0)
+    for layer in neuroada_layers(peft_model).values():
+        with torch.no_grad():
+            layer.neuroada_theta["default"].normal_(0, 0.05)
+    for name, layer in list(neuroada_layers(peft_model).items())[:3] + list(neuroada_layers(peft_model).items())[-2:]:
+        x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+        upstream = torch.randn(2, 5, layer.out_features)
+        out = layer(x)
+        with torch.no_grad():
+            reference = layer.base_layer(x) + x @ dense_delta(layer).T
+        torch.testing.assert_close(out, reference.to(out.dtype), rtol=1e-5, atol=1e-5)
+        theta = layer.neuroada_theta["default"]
+        theta.grad = None
+        (out * upstream).sum().backward()
+        indices = layer.neuroada_indices["default"]
+        flat_x, flat_g = x.detach().reshape(-1, layer.in_features), upstream.reshape(-1, layer.out_features)
+        expected_grad = torch.einsum("ti,tij->ij", flat_g, flat_x[:, indices])
+        torch.testing.assert_close(theta.grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+    # A training step through the whole model: gradients reach theta and nothing else.
+    for parameter in peft_model.parameters():
+        parameter.grad = None
+    peft_model(TOKENS, labels=TOKENS).loss.backward()
+    with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    assert len(trainable) == 14 and all(".neuroada_theta.default" in n for n in trainable)
+    assert all(p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if n in with_grad)
+
+
+@pytest.mark.parametrize("quantization", ["nf4-bf16-double", "fp4-fp32", "int8"])
+def test_merge_requantizes_with_a_warning_and_unmerge_restores_the_quantized_bytes(full_precision_dir, quantization):
+    peft_model = get_peft_model(load_quantized(full_precision_dir, quantization), NeuroAdaConfig(top_k=2))
+    layers = neuroada_layers(peft_model)
+    torch.manual_seed(1)
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.neuroada_theta["default"].normal_(0, 0.1)
+    before = {n: (layer.base_layer.weight.data.clone(), dequantize_weight(layer.base_layer)) for n, layer in layers.items()}
+    # Independent reference: dequantize, add theta at the selected entries, quantize again with bitsandbytes.
+    expected = {}
+    for name, layer in layers.items():
+        dense = before[name][1].clone().float()
+        dense += dense_delta(layer)
+        dense = dense.to(before[name][1].dtype)
+        if quantization == "int8":
+            requantized = bnb.nn.Int8Params(dense, requires_grad=False, has_fp16_weights=False).to("cpu")
+            expected[name] = bnb.functional.int8_vectorwise_dequant(requantized.data, requantized.SCB)
+        else:
+            weight = layer.base_layer.weight
+            requantized = bnb.nn.Params4bit(
+                dense,
+                requires_grad=False,
+                quant_type=weight.quant_type,
+                blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics,
+                quant_storage=weight.quant_storage,
+            ).to("cpu")
+            expected[name] = bnb.functional.dequantize_4bit(requantized.data, requantized.quant_state)
+
+    adapter_logits = peft_model(TOKENS).logits.detach()
+    with pytest.warns(UserWarning, match=r"re-quantized, which rounds.*neuroada-plugin merge --base"):
+        peft_model.merge_adapter()
+    for name, layer in layers.items():
+        assert torch.equal(dequantize_weight(layer.base_layer), expected[name]), name
+
+    peft_model.unmerge_adapter()
+    for name, layer in layers.items():
+        assert torch.equal(layer.base_layer.weight.data, before[name][0]), name
+        assert torch.equal(dequantize_weight(layer.base_layer), before[name][1]), name
+    torch.testing.assert_close(peft_model(TOKENS).logits.detach(), adapter_logits, rtol=0, atol=0)
+
+    with pytest.warns(UserWarning, match="rounds"):
+        unloaded = peft_model.merge_and_unload()
+    for name, module in unloaded.named_modules():
+        if name in {n.removeprefix("base_model.model.") for n in layers}:
+            assert type(module) is LAYER_CLASS.get(quantization, bnb.nn.Linear4bit)
+            assert torch.equal(dequantize_weight(module), expected["base_model.model." + name]), name
+
+
+_FRESH_LOAD = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    base_dir, adapter_dir, out = sys.argv[1:4]
+    settings = json.loads(sys.argv[4])
+    settings["bnb_4bit_compute_dtype"] = torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=BitsAndBytesConfig(**settings), device_map="cpu"
+        )
+    model = PeftModel.from_pretrained(base, adapter_dir)  # no import of neuroada_plugin: the start-up hook
+    tokens = torch.tensor([[5, 17, 99, 1024, 7, 3, 250, 48000], [1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = model(tokens).logits
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    torch.save({"logits": logits, "kind": type(layer).__name__, "indices": layer.neuroada_indices["default"]}, out)
+    """
+)
+
+
+def test_adapter_trained_on_4bit_saves_and_loads_in_a_fresh_process(full_precision_dir, tmp_path):
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    peft_model = get_peft_model(load_quantized(full_precision_dir, "nf4-fp32"), NeuroAdaConfig(top_k=2))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        peft_model(TOKENS, labels=TOKENS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = peft_model(TOKENS).logits.detach()
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 28 and not any("base_layer" in key or "weight" in key for key in saved)
+    key = "base_model.model.model.layers.0.mlp.down_proj.neuroada_indices"
+    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    assert torch.equal(saved[key], layer.neuroada_indices["default"])
+
+    out = tmp_path / "fresh.pt"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FRESH_LOAD,
+            str(full_precision_dir),
+            str(tmp_path / "adapter"),
+            str(out),
+            json.dumps(settings),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    fresh = torch.load(out)
+    assert fresh["kind"] == "Linear4bit"
+    assert torch.equal(fresh["indices"], layer.neuroada_indices["default"])
+    torch.testing.assert_close(fresh["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_cli_into_the_full_precision_original_equals_w_plus_theta(full_precision_dir, tmp_path):
+    peft_model = get_peft_model(load_quantized(full_precision_dir, "nf4-bf16-double"), NeuroAdaConfig(top_k=2))
+    torch.manual_seed(2)
+    for layer in neuroada_layers(peft_model).values():
+        with torch.no_grad():
+            layer.neuroada_theta["default"].normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "neuroada_plugin",
+            "merge",
+            "--base",
+            str(full_precision_dir),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--output",
+            str(tmp_path / "merged"),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    original = load_file(full_precision_dir / "model.safetensors")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    patched = 0
+    for key, weight in original.items():
+        module = key.removesuffix(".weight")
+        theta_key = f"base_model.model.{module}.neuroada_theta"
+        if theta_key not in adapter:
+            assert torch.equal(merged[key], weight), key
+            continue
+        reference = weight.clone()
+        indices, theta = adapter[f"base_model.model.{module}.neuroada_indices"], adapter[theta_key]
+        for i in range(indices.shape[0]):
+            for j in range(indices.shape[1]):
+                reference[i, indices[i, j]] = weight[i, indices[i, j]] + theta[i, j]
+        assert torch.equal(merged[key], reference), key
+        patched += 1
+    assert patched == 14
+    info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
+    assert info["method"] == "neuroada"
+
+    # The merged full-precision model computes what the adapter computes on the unquantized base.
+    fp_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(full_precision_dir), tmp_path / "adapter")
+    merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged_model(TOKENS).logits, fp_adapter(TOKENS).logits, rtol=1e-5, atol=1e-5)
+
+
+class _FakeGPTQLinear(torch.nn.Module):
+    """Stands in for a GPTQ/AWQ layer: packed integer weights, no bitsandbytes class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 64, 128
+        self.register_buffer("qweight", torch.zeros(8, 128, dtype=torch.int32))
+
+
+def test_other_quantization_schemes_are_refused_naming_what_is_supported():
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj = _FakeGPTQLinear()
+    with pytest.raises(UnsupportedTargetError, match=r"up_proj \(_FakeGPTQLinear\).*bitsandbytes Linear4bit") as info:
+        get_peft_model(model, NeuroAdaConfig())
+    assert "Linear8bitLt" in str(info.value)
+    assert not any(isinstance(m, NeuroAdaLayer) for m in model.modules())
