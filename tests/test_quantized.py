@@ -104,7 +104,8 @@ def test_quantized_layers_select_forward_and_train_theta_only(full_precision_dir
     for layer in neuroada_layers(peft_model).values():
         with torch.no_grad():
             layer.neuroada_theta["default"].normal_(0, 0.05)
-    for name, layer in list(neuroada_layers(peft_model).items())[:3] + list(neuroada_layers(peft_model).items())[-2:]:
+    checked = list(neuroada_layers(peft_model).values())
+    for layer in checked[:3] + checked[-2:]:  # q/k/v of layer 0 (64->64, 64->32), up/down of layer 1
         x = torch.randn(2, 5, layer.in_features, requires_grad=True)
         upstream = torch.randn(2, 5, layer.out_features)
         out = layer(x)
@@ -138,7 +139,9 @@ def test_merge_requantizes_with_a_warning_and_unmerge_restores_the_quantized_byt
     for layer in layers.values():
         with torch.no_grad():
             layer.neuroada_theta["default"].normal_(0, 0.1)
-    before = {n: (layer.base_layer.weight.data.clone(), dequantize_weight(layer.base_layer)) for n, layer in layers.items()}
+    before = {
+        n: (layer.base_layer.weight.data.clone(), dequantize_weight(layer.base_layer)) for n, layer in layers.items()
+    }
     # Independent reference: dequantize, add theta at the selected entries, quantize again with bitsandbytes.
     expected = {}
     for name, layer in layers.items():
@@ -286,10 +289,33 @@ def test_merge_cli_into_the_full_precision_original_equals_w_plus_theta(full_pre
         patched += 1
     assert patched == 14
     info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
-    assert info["method"] == "neuroada"
+    assert info["method"] == "neuroada" and info["exact_merge"] is True and info["dtype"] == "F32"
+    assert info["base_quantization"] is None  # merged into the full-precision original
+    # PEFT 0.21 does not record the training quantization in the adapter folder; when a model card
+    # carries PEFT's "quantization config was used during training" section, the merge records it.
+    assert info["adapter_training_quantization"] is None
+    card = tmp_path / "adapter" / "README.md"
+    card.write_text(
+        card.read_text()
+        + "\n## Training procedure\n\nThe following `bitsandbytes` quantization config was used during training:\n"
+        + "- quant_method: bitsandbytes\n- load_in_4bit: True\n- bnb_4bit_quant_type: nf4\n\n### Framework versions\n"
+    )
+    subprocess.run(
+        [sys.executable, "-m", "neuroada_plugin", "merge", "--base", str(full_precision_dir), "--adapter",
+         str(tmp_path / "adapter"), "--output", str(tmp_path / "merged2")],
+        check=True, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    info = json.loads((tmp_path / "merged2" / "merge_info.json").read_text())
+    assert info["adapter_training_quantization"] == {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": "True",
+        "bnb_4bit_quant_type": "nf4",
+    }
 
     # The merged full-precision model computes what the adapter computes on the unquantized base.
-    fp_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(full_precision_dir), tmp_path / "adapter")
+    fp_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(full_precision_dir), tmp_path / "adapter"
+    )
     merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(merged_model(TOKENS).logits, fp_adapter(TOKENS).logits, rtol=1e-5, atol=1e-5)

@@ -152,6 +152,8 @@ def merge_adapter_checkpoint(
             dtype=base_ckpt.main_dtype(),
             patched=len(plan),
             tokenizer_from=tokenizer_from,
+            exact_merge=spec.exact_merge,
+            **_quantization_facts(base_dir, adapter_dir),
         )
         fsync_tree(staging)
         verification = None
@@ -194,6 +196,38 @@ def _write(base_ckpt, plan, staging: Path, progress: bool) -> int:
 
     with tqdm(total=base_ckpt.total_bytes, unit="B", unit_scale=True, desc="merge") as bar:
         return write_shards(base_ckpt, plan, staging, bar.update)
+
+
+def _quantization_facts(base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
+    """What ``merge_info.json`` says about quantization: the merged base's and the adapter's training base's.
+
+    ``base_quantization``: the ``quantization_config`` of the base checkpoint merged into (``None``:
+    full precision, the recommended target for an adapter trained on a 4-bit/8-bit base).
+    ``adapter_training_quantization``: the bitsandbytes settings the adapter was trained with, when
+    its folder records them (PEFT's model card section; ``None`` when not recorded: PEFT 0.21
+    does not write it, nor do the adapter files need it: indices and theta do not depend on it).
+    """
+    base_quantization = None
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        base_quantization = config.get("quantization_config")
+    except (OSError, ValueError):
+        pass
+    trained_with: dict[str, str] | None = None
+    try:
+        lines = (adapter_dir / "README.md").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for number, line in enumerate(lines):
+        if "quantization config was used during training" in line:
+            trained_with = {}
+            for item in lines[number + 1 :]:
+                if not item.startswith("- ") or ": " not in item:
+                    break
+                key, _, value = item[2:].partition(": ")
+                trained_with[key.strip()] = value.strip()
+            break
+    return {"base_quantization": base_quantization, "adapter_training_quantization": trained_with}
 
 
 def _write_merge_info(path: Path, **facts: Any) -> None:
