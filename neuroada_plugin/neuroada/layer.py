@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import AdapterCheckpointError
 from .config import NeuroAdaConfig
 from .csr_bypass import CSR_MIN_K, CsrPattern, csr_path_supported, csr_pattern
+from .distributed import agree_across_ranks, full_shape, gathered, is_partitioned
 from .functional import compact_columns, sparse_bypass
 from .selection import select_connections
 from .validation import check_fits, check_indices, check_theta, index_span, merge_values, put_entries_
@@ -58,8 +59,8 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
-        weight = self.get_base_layer().weight
-        self.out_features, self.in_features = weight.shape
+        # The full shape, also when ZeRO-3 has partitioned the weight (0 local elements).
+        self.out_features, self.in_features = full_shape(self.get_base_layer().weight)
 
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
         """Add adapter ``adapter_name``: select ``config.top_k`` connections per row, zero theta."""
@@ -89,8 +90,7 @@ class NeuroAdaLayer(BaseTunerLayer):
             indices = torch.full((self.out_features, k), -1, dtype=torch.int64, device=weight.device)
             self._pending_selection[adapter_name] = config
         else:
-            with self._weight_for_reading() as full_weight:
-                indices = select_connections(full_weight, k, config.selection, seed=config.seed, salt=module_name)
+            indices = self._select(config, module_name)
         self.neuroada_indices[adapter_name] = indices
         self.set_adapter(self.active_adapters)
 
@@ -117,15 +117,22 @@ class NeuroAdaLayer(BaseTunerLayer):
     def _resolve_pending_selection(self) -> None:
         """Run the deferred selections that no loaded file supplied (from the unmerged weight)."""
         for name, config in list(self._pending_selection.items()):
-            with self._weight_for_reading() as weight:
-                self.neuroada_indices[name] = select_connections(
-                    weight,
-                    config.top_k,
-                    config.selection,
-                    seed=config.seed,
-                    salt=getattr(self, "_neuroada_module_name", ""),
-                )
+            self.neuroada_indices[name] = self._select(config, getattr(self, "_neuroada_module_name", ""))
             del self._pending_selection[name]
+
+    def _select(self, config: NeuroAdaConfig, module_name: str) -> torch.Tensor:
+        """Indices ``[out, k]`` selected from the full base weight.
+
+        With a ZeRO-3 partitioned weight the gather in :meth:`_weight_for_reading` is a collective
+        that every rank enters, and rank 0's indices are then broadcast so that all ranks hold
+        identical indices by construction (not only by deterministic selection).
+        """
+        with self._weight_for_reading() as weight:
+            indices = select_connections(weight, config.top_k, config.selection, seed=config.seed, salt=module_name)
+        base_weight = self.get_base_layer().weight
+        if is_partitioned(base_weight):
+            indices = agree_across_ranks(indices, like=base_weight, where=module_name or self._layer_name())
+        return indices
 
     @contextmanager
     def _weight_for_reading(self) -> Iterator[torch.Tensor]:
@@ -134,8 +141,11 @@ class NeuroAdaLayer(BaseTunerLayer):
         The one place that knows how the base layer stores its weight: selection never reads
         ``base_layer.weight`` directly, so sharded (ZeRO-3) or quantized base layers only need
         to extend this (gather one layer / dequantize one layer, for the duration of the read).
+        A ZeRO-3 partitioned weight is gathered read-only (a collective: every rank must read).
         """
-        yield self.get_base_layer().weight
+        weight = self.get_base_layer().weight
+        with gathered([weight]):
+            yield weight
 
     def _checked_indices(self, adapter_name: str) -> torch.Tensor:
         if self._pending_selection:
@@ -181,8 +191,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         """
         theta = self.neuroada_theta[adapter_name]
         indices = self._checked_indices(adapter_name)
-        delta = torch.zeros(self.out_features, self.in_features, dtype=theta.dtype, device=theta.device)
-        return delta.scatter_(1, indices.to(theta.device), theta.detach())
+        with gathered([theta]):  # ZeRO-3 partitions theta too once the engine is built
+            delta = torch.zeros(self.out_features, self.in_features, dtype=theta.dtype, device=theta.device)
+            return delta.scatter_(1, indices.to(theta.device), theta.detach())
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write ``W[i, idx[i, j]] += theta[i, j]`` in place (O(out*k), no dense temporary).
@@ -192,24 +203,36 @@ class NeuroAdaLayer(BaseTunerLayer):
         leaves the weight untouched.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        names = [name for name in adapter_names if name in self.neuroada_theta]
+        if not names:
+            return
         weight = self.get_base_layer().weight
-        for name in adapter_names:
-            if name not in self.neuroada_theta:
-                continue
-            indices, original, updated = self._merge_plan(name)
-            put_entries_(weight.data, indices, updated)
-            self._merge_backup[name] = original
-            self.merged_adapters.append(name)
+        # ZeRO-3: gather this layer's weight (and theta) only; rank 0's edit is written back to
+        # every rank's partition on exit (all ranks make the same edit).
+        with gathered([weight, *(self.neuroada_theta[n] for n in names)], modifier_rank=0):
+            for name in names:
+                indices, original, updated = self._merge_plan(name, weight)
+                put_entries_(weight.data, indices, updated)
+                self._merge_backup[name] = original
+                self.merged_adapters.append(name)
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         """Raise :class:`MergeError` if merging ``adapter_names`` would write NaN/inf; changes nothing."""
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.neuroada_theta and name not in self.merged_adapters:
-                self._merge_plan(name)
+        names = [
+            name
+            for name in (adapter_names if adapter_names is not None else self.active_adapters)
+            if name in self.neuroada_theta and name not in self.merged_adapters
+        ]
+        if not names:
+            return
+        # Read through the seam (gathers a ZeRO-3 weight read-only; a quantized layer dequantizes).
+        with gathered([self.neuroada_theta[n] for n in names]), self._weight_for_reading() as weight:
+            for name in names:
+                self._merge_plan(name, weight)
 
-    def _merge_plan(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Indices, current values and merged values of the entries adapter ``name`` touches."""
-        weight = self.get_base_layer().weight
+    def _merge_plan(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices, current values and merged values of the entries adapter ``name`` touches in ``weight``
+        (the full base weight: the caller gathers it when it is partitioned)."""
         indices = self._checked_indices(name).to(weight.device)
         original = weight.data.gather(1, indices)
         updated = merge_values(
@@ -225,16 +248,18 @@ class NeuroAdaLayer(BaseTunerLayer):
         if not self.merged:
             return
         weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.neuroada_theta:
-                continue
-            indices = self._checked_indices(name).to(weight.device)
-            original = self._merge_backup.pop(name, None)
-            if original is None:  # e.g. merged state restored from elsewhere: best effort
-                theta = self.neuroada_theta[name].detach().to(weight.device)
-                original = (weight.data.gather(1, indices).to(theta.dtype) - theta).to(weight.dtype)
-            put_entries_(weight.data, indices, original)
+        thetas = [self.neuroada_theta[n] for n in self.merged_adapters if n in self.neuroada_theta]
+        with gathered([weight, *thetas], modifier_rank=0):  # ZeRO-3: this layer only, written back
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                if name not in self.neuroada_theta:
+                    continue
+                indices = self._checked_indices(name).to(weight.device)
+                original = self._merge_backup.pop(name, None)
+                if original is None:  # e.g. merged state restored from elsewhere: best effort
+                    theta = self.neuroada_theta[name].detach().to(weight.device)
+                    original = (weight.data.gather(1, indices).to(theta.dtype) - theta).to(weight.dtype)
+                put_entries_(weight.data, indices, original)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._merge_backup.pop(adapter_name, None)
@@ -302,7 +327,7 @@ class Linear(nn.Module, NeuroAdaLayer):
             self._pending_selection.pop(key[len(index_prefix) :], None)
         for key in [k for k in state_dict if k.startswith(theta_prefix)]:
             name = key[len(theta_prefix) :]
-            k = self.neuroada_theta[name].shape[1] if name in self.neuroada_theta else None
+            k = full_shape(self.neuroada_theta[name])[1] if name in self.neuroada_theta else None
             check_theta(state_dict[key], where=where, key=key, expected=(self.out_features, k), base_shape=base_shape)
 
     def __repr__(self) -> str:
