@@ -114,6 +114,16 @@ def test_merge_under_zero3_is_exact_and_unmerge_restores(zero3):
     assert changed == 2 * 12  # every adapted weight changed, nothing else
 
 
+def test_adapter_loads_onto_a_zero3_model_and_merge_and_unload_is_exact(zero3):
+    assert zero3["result"]["rank0"]["fresh_partitioned"] and zero3["result"]["rank1"]["fresh_partitioned"]
+    unloaded = torch.load(zero3["out"] / "unloaded.pt")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zero3["base"]), zero3["out"] / "adapter")
+    expected = dict(model.merge_and_unload().named_parameters())
+    assert unloaded.keys() == expected.keys()
+    for key, value in unloaded.items():
+        assert torch.equal(value, expected[key].detach()), key
+
+
 def test_single_process_model_is_untouched_by_the_helpers(tiny_llama_dir):
     """Without DeepSpeed the ZeRO-3 paths are no-ops: same indices as selection on the plain weight."""
     from neuroada_plugin.neuroada.distributed import check_rank_agreement, full_shape, gathered, is_partitioned

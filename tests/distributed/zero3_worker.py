@@ -15,7 +15,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -127,6 +127,16 @@ def main() -> None:
             args.out / "merge.pt",
         )
 
+    # Load the saved adapter onto a fresh ZeRO-3 model (shape validation on partitioned weights), then
+    # merge_and_unload without an engine: every layer is gathered, merged and written back on its own.
+    torch.distributed.barrier()
+    fresh = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(fresh, args.out / "adapter")
+    result["fresh_partitioned"] = all(is_partitioned(p) for n, p in loaded.named_parameters() if "neuroada_" not in n)
+    unloaded = loaded.merge_and_unload()
+    with deepspeed.zero.GatheredParameters(list(unloaded.parameters())):
+        if rank == 0:
+            torch.save({n: p.detach().clone() for n, p in unloaded.named_parameters()}, args.out / "unloaded.pt")
     result["t_total"] = time.time() - t0
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["local_param_bytes"] = sum(
