@@ -60,12 +60,17 @@ class MethodSpec:
             streaming. The rule's module must not import PEFT or Transformers.
         summary: One line for ``--help`` and ``neuroada-plugin methods``.
         needs_float_weights: Creating the adapter needs an exact floating-point weight (it
-            reads or merges into individual entries), so quantized bases are refused.
+            reads or merges into individual entries), so quantized bases are refused (except the
+            kinds listed in ``quantized_layers``).
         reads_weights_when_created: Adapter creation reads the base weights (selection, a
             weight-dependent init): it must gather them when they are sharded (ZeRO-3) and
             cannot run on meta/empty weights.
         exact_merge: ``merge``/``unmerge`` are exact (bit-for-bit restore), so merging for
             serving or weight sync loses nothing.
+        quantized_layers: Quantized base-layer kinds the method adapts even though it
+            ``needs_float_weights`` (it reads a dequantized copy one layer at a time):
+            ``"bnb_4bit"`` (bitsandbytes ``Linear4bit``, ``load_in_4bit``) and/or ``"bnb_8bit"``
+            (``Linear8bitLt``, ``load_in_8bit``). Other quantization stays refused.
         exposed_fields: Config fields offered as Axolotl YAML keys (``<name>_<field>``) and
             example-script flags. Empty: every field the config declares beyond PEFT's own.
         cli_commands: Optional subcommands: import paths of callables
@@ -80,6 +85,7 @@ class MethodSpec:
     needs_float_weights: bool = True
     reads_weights_when_created: bool = True
     exact_merge: bool = True
+    quantized_layers: tuple[str, ...] = ()
     exposed_fields: tuple[str, ...] = ()
     cli_commands: tuple[str, ...] = field(default_factory=tuple)
 

@@ -382,7 +382,7 @@ INVALID_CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"neuroada_layers_pattern": "layers"},
         ["neuroada_layers_pattern only makes sense together with layers_to_transform"],
     ),
-    "quantized": ({"load_in_8bit": True}, ["cannot train on a quantized base model", "load_in_8bit"]),
+    "quantized": ({"gptq": True}, ["cannot train on this quantized base model", "gptq: true", "load_in_4bit: true"]),
     "lora_keys": (
         {"lora_r": 8, "lora_target_modules": ["q_proj"]},
         ["LoRA-only setting", "`lora_target_modules` (use `neuroada_target_modules`)", "`lora_r`"],

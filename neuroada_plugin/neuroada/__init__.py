@@ -23,6 +23,7 @@ register(
         needs_float_weights=True,
         reads_weights_when_created=True,
         exact_merge=True,
+        quantized_layers=("bnb_4bit", "bnb_8bit"),
     )
 )
 

@@ -17,6 +17,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 
 from ...registry import MethodSpec
 from .args import build_args_model, exposed_fields, registered_specs, yaml_key
+from .quantized import install_quantized_loading, prepare_quantized_model
 from .validation import ValidatedMethodArgs, cfg_get, peft_config_from_cfg
 
 __all__ = ["MethodArgs", "MethodsPlugin"]
@@ -55,6 +56,16 @@ class MethodsPlugin(BasePlugin):
 
     def _specs(self) -> tuple[MethodSpec, ...]:
         return self.args_model.peft_methods
+
+    def register(self, cfg: Any) -> None:
+        """QLoRA-style loading: axolotl quantizes (``load_in_4bit``/``load_in_8bit``) for lora/qlora only."""
+        install_quantized_loading(spec for spec in self._specs() if spec.quantized_layers)
+
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        """On a quantized base, ``prepare_model_for_kbit_training`` before the adapter is created (as for QLoRA)."""
+        message = prepare_quantized_model(self._specs(), cfg, model)
+        if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(message)  # like print_trainable_parameters: plugin loggers have no handler in axolotl
 
     def _spec_for(self, cfg: Any) -> MethodSpec | None:
         adapter = cfg_get(cfg, "adapter")

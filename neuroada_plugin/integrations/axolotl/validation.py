@@ -52,6 +52,8 @@ _LORA_KEYS: dict[str, str | None] = {
     "loraplus_lr_ratio": None,
 }
 _QUANTIZATION_KEYS = ("load_in_8bit", "load_in_4bit", "gptq", "quantize_moe_experts")
+# Quantized loading a method may accept: YAML key -> the layer kind its spec lists in quantized_layers.
+QUANTIZED_LOADING = {"load_in_4bit": "bnb_4bit", "load_in_8bit": "bnb_8bit"}
 
 
 def declared_keys(spec: MethodSpec) -> list[str]:
@@ -101,11 +103,19 @@ def check_raw_config(spec: MethodSpec, data: Mapping[str, Any]) -> Mapping[str, 
 def _check_base_model_loading(spec: MethodSpec, data: Mapping[str, Any]) -> None:
     name = spec.name
     quantized = [k for k in _QUANTIZATION_KEYS if data.get(k)]
-    if quantized and spec.needs_float_weights:
+    refused = [k for k in quantized if QUANTIZED_LOADING.get(k) not in spec.quantized_layers]
+    if refused and spec.needs_float_weights:
+        supported = [k for k, kind in QUANTIZED_LOADING.items() if kind in spec.quantized_layers]
+        offer = (
+            f"Supported quantized loading for `adapter: {name}`: {', '.join(f'{k}: true' for k in supported)} "
+            "(bitsandbytes). "
+            if supported
+            else ""
+        )
         raise ValueError(
-            f"`adapter: {name}` cannot train on a quantized base model ({', '.join(f'{k}: true' for k in quantized)}): "
-            f"it reads and merges into individual entries of an exact floating-point weight. Remove "
-            f"{', '.join(quantized)} and load the model in bf16/fp16/fp32."
+            f"`adapter: {name}` cannot train on this quantized base model ({', '.join(f'{k}: true' for k in refused)}): "
+            f"it reads and merges into individual entries of the weight. {offer}Otherwise remove "
+            f"{', '.join(refused)} and load the model in bf16/fp16/fp32."
         )
     if not spec.reads_weights_when_created:
         return

@@ -1,0 +1,132 @@
+"""Axolotl with ``adapter: neuroada`` on a quantized base (QLoRA-style): load_in_4bit trains, saves an
+adapter-only folder whose indices are the top-|W| of the dequantized NF4 weights, and ``merge-lora``
+merges it into the full-precision base exactly (``W[i, idx] += theta``); load_in_8bit validates;
+other quantization schemes are refused naming what is supported.
+
+The base is the tiny random Llama; training runs on the CPU (bitsandbytes 0.50's CPU kernels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_axolotl import (
+    AXOLOTL_BIN,
+    AXOLOTL_PYTHON,
+    _adapter_tensors,
+    _dense_reference_state,
+    _logged_losses,
+    _run,
+    _tail,
+    _write_config,
+)
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from neuroada_plugin.neuroada.bnb import dequantize_weight
+
+from common import commonsense
+
+TOP_K = 2  # axolotl_configs/ci/tiny_sft.yml
+
+
+@pytest.fixture(scope="module")
+def qworkdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("axolotl-quantized")
+
+
+@pytest.fixture(scope="module")
+def messages_file(qworkdir) -> Path:
+    questions = commonsense.make_splits(commonsense.load_questions("csqa")).train[:32]
+    rows = [{"messages": row["prompt"] + row["completion"]} for row in commonsense.sft_rows(questions)]
+    return commonsense.write_jsonl(rows, qworkdir / "data" / "train.messages.jsonl")
+
+
+def test_load_in_4bit_trains_saves_adapter_only_and_merges_into_the_full_precision_base(
+    qworkdir, tiny_llama_dir, messages_file
+):
+    config = _write_config("tiny_sft", qworkdir, tiny_llama_dir, messages_file, load_in_4bit=True, max_steps=4)
+    process = _run([str(AXOLOTL_BIN), "train", str(config), "--launcher", "python"], cwd=qworkdir)
+    assert process.returncode == 0, f"axolotl train (load_in_4bit) failed:\n{_tail(process)}"
+    log = process.stdout
+    assert "quantized base for adapter: neuroada: 14 bnb_4bit layers" in log, log[-3000:]
+    assert "trainable params: 2,048" in log
+    losses = _logged_losses(log)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), log[-3000:]
+
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    files = sorted(p.name for p in output_dir.iterdir())
+    assert "adapter_model.safetensors" in files and not any(f.startswith("model") for f in files), files
+    assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == "NEUROADA"
+    adapter = _adapter_tensors(output_dir)
+    assert len(adapter) == 14
+
+    # The connections are the per-row top-|W| of the weights the run trained on: axolotl's QLoRA
+    # quantization (NF4, double quantization, bf16 storage), loaded here independently and dequantized.
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir,
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        ),
+    )
+    modules = dict(quantized.named_modules())
+    for key, (theta, indices) in adapter.items():
+        magnitude = dequantize_weight(modules[key.removesuffix(".weight")]).float().abs()
+        chosen = magnitude.gather(1, indices.long()).sort(dim=1, descending=True).values
+        assert torch.equal(chosen, magnitude.topk(TOP_K, dim=1).values), key
+        assert torch.count_nonzero(theta) > 0.9 * theta.numel(), f"{key}: theta barely trained"
+
+    # merge-lora loads the base unquantized and merges exactly: W[i, idx] += theta, nothing else changes.
+    process = _run([str(AXOLOTL_BIN), "merge-lora", str(config)], cwd=qworkdir)
+    assert process.returncode == 0, f"axolotl merge-lora failed:\n{_tail(process)}"
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    merged = load_file(output_dir / "merged" / "model.safetensors")
+    reference = _dense_reference_state(base, adapter)
+    assert set(merged) == set(base)
+    for key, tensor in merged.items():
+        assert tensor.dtype == base[key].dtype and torch.equal(tensor, reference[key]), key
+
+
+_VALIDATE = """
+import json, sys
+from axolotl.cli.config import load_cfg
+results = {}
+for name, path in json.loads(sys.argv[1]).items():
+    try:
+        cfg = load_cfg(path)
+        results[name] = {"ok": True, "load_in_4bit": bool(cfg.load_in_4bit), "load_in_8bit": bool(cfg.load_in_8bit)}
+    except Exception as error:  # noqa: BLE001
+        results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_quantized_loading_validates_and_other_schemes_are_refused_naming_the_supported_ones(
+    qworkdir, tiny_llama_dir, messages_file
+):
+    paths = {
+        name: str(_write_config("tiny_sft", qworkdir, tiny_llama_dir, messages_file, **overrides))
+        for name, overrides in {
+            "4bit": {"load_in_4bit": True},
+            "8bit": {"load_in_8bit": True},
+            "gptq": {"gptq": True},
+        }.items()
+    }
+    process = _run([str(AXOLOTL_PYTHON), "-c", _VALIDATE, json.dumps(paths)], cwd=qworkdir, timeout=240)
+    assert process.returncode == 0, _tail(process)
+    results = json.loads(process.stdout.rsplit("RESULTS", 1)[1].strip().splitlines()[0])
+    assert results["4bit"] == {"ok": True, "load_in_4bit": True, "load_in_8bit": False}, results["4bit"]
+    assert results["8bit"] == {"ok": True, "load_in_4bit": False, "load_in_8bit": True}, results["8bit"]
+    error = results["gptq"]["error"]
+    assert not results["gptq"]["ok"] and "cannot train on this quantized base model (gptq: true)" in error, error
+    assert "load_in_4bit: true, load_in_8bit: true (bitsandbytes)" in error, error
