@@ -41,6 +41,15 @@ class CommonsenseArguments:
             "method's setting (e.g. --neuroada_theta_dtype)."
         },
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA-style: load the base model in 4-bit (bitsandbytes NF4, double quantization, compute in "
+            "--dtype), prepare it with PEFT's prepare_model_for_kbit_training (gradient checkpointing on) and train "
+            "the adapter on top. Needs bitsandbytes (pip install 'neuroada-plugin[quantized]'). Merge the saved "
+            "adapter into the full-precision original: neuroada-plugin merge --base <original> --adapter <out>."
+        },
+    )
     sources: str = field(
         default="piqa",
         metadata={"help": f"Comma-separated commonsense sets: {', '.join(commonsense.SOURCES)}, or all."},
@@ -95,8 +104,23 @@ def load_model_and_tokenizer(args: CommonsenseArguments) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype))
-    return model, tokenizer
+    dtype = resolve_dtype(args.dtype)
+    if not args.load_in_4bit:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=quantization, device_map=device_map
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True), tokenizer
 
 
 def prompt_format(args: CommonsenseArguments) -> commonsense.PromptFormat:
@@ -119,12 +143,15 @@ def merged_for_inference(model: Any) -> Iterator[None]:
     """Temporarily merge a float32 PEFT model's adapters into its weights (plain forward, faster).
 
     A float32 model scores the same up to float32 rounding (NeuroAda merges exactly:
-    ``W[i, idx] += theta`` once, restored bit for bit on unmerge). Lower-precision weights are
-    left unmerged: rounding the update into bf16 entries would change what is measured.
+    ``W[i, idx] += theta`` once, restored bit for bit on unmerge). Lower-precision and quantized
+    (``--load_in_4bit``) weights are left unmerged: rounding the update into bf16 entries, or
+    re-quantizing, would change what is measured.
     """
     weight = next(model.parameters())
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     mergeable = (
-        hasattr(model, "merge_adapter")
+        not quantized
+        and hasattr(model, "merge_adapter")
         and hasattr(model, "unmerge_adapter")
         and weight.dtype == torch.float32
         and not getattr(model, "merged", False)
