@@ -65,6 +65,11 @@ class MethodSpec:
         reads_weights_when_created: Adapter creation reads the base weights (selection, a
             weight-dependent init): it must gather them when they are sharded (ZeRO-3) and
             cannot run on meta/empty weights.
+        supports_sharding: Creation and merging work on sharded models: ZeRO-3 partitioned weights are
+            gathered one layer at a time, and a model whose weights are meta on ranks other than 0
+            (FSDP ``cpu_ram_efficient_loading``) takes rank 0's adapter state from the broadcast
+            (adapter state is parameters and persistent buffers only). Without it, a method that
+            ``reads_weights_when_created`` is refused under ZeRO-3 and RAM-efficient loading.
         exact_merge: ``merge``/``unmerge`` are exact (bit-for-bit restore), so merging for
             serving or weight sync loses nothing.
         quantized_layers: Quantized base-layer kinds the method adapts even though it
@@ -86,6 +91,7 @@ class MethodSpec:
     reads_weights_when_created: bool = True
     exact_merge: bool = True
     quantized_layers: tuple[str, ...] = ()
+    supports_sharding: bool = False
     exposed_fields: tuple[str, ...] = ()
     cli_commands: tuple[str, ...] = field(default_factory=tuple)
 

@@ -24,6 +24,7 @@ register(
         reads_weights_when_created=True,
         exact_merge=True,
         quantized_layers=("bnb_4bit", "bnb_8bit"),
+        supports_sharding=True,
     )
 )
 

@@ -5,9 +5,10 @@ minutes of data preparation. What a method accepts comes from its spec's capabil
 not from one method's policies:
 
 * ``needs_float_weights``: quantized loading (``load_in_4bit`` ...) is refused;
-* ``reads_weights_when_created``: configurations that hand the method partitioned or meta
-  weights when the adapter is created (DeepSpeed ZeRO-3, FSDP ``cpu_ram_efficient_loading``)
-  are refused;
+* ``reads_weights_when_created`` without ``supports_sharding``: configurations that hand the
+  method partitioned or meta weights when the adapter is created (DeepSpeed ZeRO-3, FSDP
+  ``cpu_ram_efficient_loading``) are refused; with it they pass (ZeRO-3 still needs
+  ``stage3_gather_16bit_weights_on_model_save: true``, or the saved adapter would be empty);
 * every method: misspelt ``<method>_*`` keys, LoRA-only keys that would be ignored, merge
   methods that only understand LoRA files, and RL continuations that would drop the adapter.
 
@@ -117,20 +118,62 @@ def _check_base_model_loading(spec: MethodSpec, data: Mapping[str, Any]) -> None
             f"it reads and merges into individual entries of the weight. {offer}Otherwise remove "
             f"{', '.join(refused)} and load the model in bf16/fp16/fp32."
         )
-    if not spec.reads_weights_when_created:
-        return
-    if deepspeed_zero_stage(data.get("deepspeed")) == 3:
-        raise ValueError(
-            f"DeepSpeed ZeRO-3 (`deepspeed: {data.get('deepspeed')}`) partitions the weights while the model "
-            f"loads, but `adapter: {name}` reads the full weights when the adapter is created. Use ZeRO-1/2, DDP, "
-            "or FSDP."
-        )
+    _check_sharding(spec, data)
+
+
+def _check_sharding(spec: MethodSpec, data: Mapping[str, Any]) -> None:
+    """ZeRO-2/3 and FSDP (incl. ``cpu_ram_efficient_loading``) pass for a method that ``supports_sharding``.
+
+    Refused: a method that reads weights when created without gathering them (``supports_sharding``
+    false) under ZeRO-3 or RAM-efficient loading, and ZeRO-3 without
+    ``stage3_gather_16bit_weights_on_model_save: true`` (the Trainer would then save an empty adapter
+    next to a DeepSpeed checkpoint, for every PEFT method).
+    """
+    name = spec.name
+    zero_stage = deepspeed_zero_stage(data.get("deepspeed"))
     fsdp_config = data.get("fsdp_config")
-    if isinstance(fsdp_config, Mapping) and fsdp_config.get("cpu_ram_efficient_loading"):
+    ram_efficient = isinstance(fsdp_config, Mapping) and bool(fsdp_config.get("cpu_ram_efficient_loading"))
+    if spec.reads_weights_when_created and not spec.supports_sharding:
+        if zero_stage == 3:
+            raise ValueError(
+                f"DeepSpeed ZeRO-3 (`deepspeed: {data.get('deepspeed')}`) partitions the weights while the model "
+                f"loads, but `adapter: {name}` reads the full weights when the adapter is created and cannot gather "
+                "them. Use ZeRO-1/2, DDP, or FSDP."
+            )
+        if ram_efficient:
+            raise ValueError(
+                "`fsdp_config.cpu_ram_efficient_loading: true` loads the weights on non-zero ranks as meta tensors, "
+                f"but `adapter: {name}` reads the weights when the adapter is created. Set it to false."
+            )
+    if zero_stage == 3 and _zero3_gathers_on_save(data.get("deepspeed")) is False:
         raise ValueError(
-            "`fsdp_config.cpu_ram_efficient_loading: true` loads the weights on non-zero ranks as meta tensors, "
-            f"but `adapter: {name}` reads the weights when the adapter is created. Set it to false."
+            f"DeepSpeed ZeRO-3 (`deepspeed: {data.get('deepspeed')}`) without "
+            "`zero_optimization.stage3_gather_16bit_weights_on_model_save: true`: the trainer would save an empty "
+            f"`adapter: {name}` file (each rank holds only a partition of theta) and a DeepSpeed checkpoint instead. "
+            "Set it to true in the DeepSpeed JSON (axolotl_configs/deepspeed/zero3.json does)."
         )
+
+
+def _deepspeed_config(deepspeed: Any) -> Mapping[str, Any] | None:
+    config = deepspeed
+    if isinstance(deepspeed, (str, os.PathLike)) and os.path.isfile(deepspeed):
+        try:
+            with open(deepspeed, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return None
+    return config if isinstance(config, Mapping) else None
+
+
+def _zero3_gathers_on_save(deepspeed: Any) -> bool | None:
+    """``stage3_gather_16bit_weights_on_model_save`` of a readable DeepSpeed config (``None``: unknown)."""
+    config = _deepspeed_config(deepspeed)
+    if config is None:
+        return None
+    value = (config.get("zero_optimization") or {}).get("stage3_gather_16bit_weights_on_model_save", False)
+    if value == "auto":  # accelerate fills "auto" in from its own default (true for ZeRO-3 model saving)
+        return None
+    return bool(value)
 
 
 def _check_lora_keys(spec: MethodSpec, declared: list[str], data: Mapping[str, Any]) -> None:
