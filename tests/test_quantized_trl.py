@@ -4,18 +4,21 @@
 against references: the quantized base bytes and every non-adapter weight are unchanged, only
 theta moved, the indices are the top-|W| of the dequantized weights, gradient checkpointing gives
 the same theta gradients as a plain backward, and the trained adapter lowers the loss it trained on.
+DPOTrainer: the reference is the quantized policy with the adapter disabled (first loss exactly ln 2).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
 from neuroada_plugin.neuroada.bnb import Linear4bit, dequantize_weight
@@ -137,3 +140,46 @@ def test_sft_example_script_takes_load_in_4bit(tiny_llama_dir, tmp_path):
     kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj")}
     assert kinds == {"Linear4bit"}
     assert model.is_gradient_checkpointing  # prepare_model_for_kbit_training(use_gradient_checkpointing=True)
+
+
+def test_dpo_trains_neuroada_on_a_4bit_base_with_the_disabled_adapter_as_reference(tiny_llama_dir, tmp_path):
+    model = prepare_model_for_kbit_training(_load_4bit(tiny_llama_dir), use_gradient_checkpointing=True)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    questions = cs.make_splits(cs.load_source("obqa")).train[:2]  # the same batch every step
+    trainer = DPOTrainer(
+        model=model,
+        args=DPOConfig(
+            output_dir=str(tmp_path / "out"),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=5e-2,
+            beta=0.1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            gradient_checkpointing=True,
+            bf16=False,
+            max_length=128,
+            seed=0,
+            disable_tqdm=True,
+        ),
+        train_dataset=Dataset.from_list(cs.dpo_rows(questions)),
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir),
+        peft_config=NeuroAdaConfig(),
+    )
+    assert trainer.ref_model is None  # reference = the quantized policy with the adapter disabled
+    layers = [m for m in trainer.model.modules() if isinstance(m, NeuroAdaLayer)]
+    assert len(layers) == 14 and all(isinstance(m, Linear4bit) for m in layers)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    # Step 1: theta = 0, policy == reference exactly (same quantized matmuls): loss = ln 2, margin 0.
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert logs[2]["loss"] < math.log(2) - 1e-3 and logs[2]["rewards/margins"] > 0
+    for name, param in trainer.model.named_parameters():
+        if "neuroada_theta" in name:
+            assert param.abs().sum() > 0, name
+        else:
+            key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(param.detach(), frozen_before[key]), name
