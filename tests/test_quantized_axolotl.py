@@ -1,7 +1,7 @@
-"""Axolotl with ``adapter: neuroada`` on a quantized base (QLoRA-style): load_in_4bit trains, saves an
-adapter-only folder whose indices are the top-|W| of the dequantized NF4 weights, and ``merge-lora``
-merges it into the full-precision base exactly (``W[i, idx] += theta``); load_in_8bit validates;
-other quantization schemes are refused naming what is supported.
+"""Axolotl with ``adapter: neuroada`` on a quantized base (QLoRA-style): load_in_4bit and load_in_8bit
+train and save an adapter-only folder whose indices are the top-|W| of the dequantized weights, and
+``merge-lora`` merges the 4-bit-trained adapter into the full-precision base exactly
+(``W[i, idx] += theta``); other quantization schemes are refused naming what is supported.
 
 The base is the tiny random Llama; training runs on the CPU (bitsandbytes 0.50's CPU kernels).
 """
@@ -47,14 +47,41 @@ def messages_file(qworkdir) -> Path:
     return commonsense.write_jsonl(rows, qworkdir / "data" / "train.messages.jsonl")
 
 
-def test_load_in_4bit_trains_saves_adapter_only_and_merges_into_the_full_precision_base(
-    qworkdir, tiny_llama_dir, messages_file
+# YAML key -> (layer kind in the plugin's log line, the BitsAndBytesConfig axolotl's run used, rebuilt here)
+QUANTIZED_RUNS = {
+    "load_in_4bit": (
+        "bnb_4bit",
+        dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        ),
+    ),
+    "load_in_8bit": ("bnb_8bit", dict(load_in_8bit=True)),
+}
+
+
+@pytest.mark.parametrize("quantization", list(QUANTIZED_RUNS))
+def test_quantized_sft_trains_saves_adapter_only_and_merges_into_the_full_precision_base(
+    qworkdir, tiny_llama_dir, messages_file, quantization
 ):
-    config = _write_config("tiny_sft", qworkdir, tiny_llama_dir, messages_file, load_in_4bit=True, max_steps=4)
+    kind, settings = QUANTIZED_RUNS[quantization]
+    config = _write_config(
+        "tiny_sft",
+        qworkdir,
+        tiny_llama_dir,
+        messages_file,
+        max_steps=4,
+        output_dir=str(qworkdir / f"out-{quantization}"),
+        dataset_prepared_path=str(qworkdir / "prepared"),
+        **{quantization: True},
+    )
     process = _run([str(AXOLOTL_BIN), "train", str(config), "--launcher", "python"], cwd=qworkdir)
-    assert process.returncode == 0, f"axolotl train (load_in_4bit) failed:\n{_tail(process)}"
+    assert process.returncode == 0, f"axolotl train ({quantization}) failed:\n{_tail(process)}"
     log = process.stdout
-    assert "quantized base for adapter: neuroada: 14 bnb_4bit layers" in log, log[-3000:]
+    assert f"quantized base for adapter: neuroada: 14 {kind} layers" in log, log[-3000:]
     assert "trainable params: 2,048" in log
     losses = _logged_losses(log)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses), log[-3000:]
@@ -66,18 +93,10 @@ def test_load_in_4bit_trains_saves_adapter_only_and_merges_into_the_full_precisi
     adapter = _adapter_tensors(output_dir)
     assert len(adapter) == 14
 
-    # The connections are the per-row top-|W| of the weights the run trained on: axolotl's QLoRA
-    # quantization (NF4, double quantization, bf16 storage), loaded here independently and dequantized.
+    # The connections are the per-row top-|W| of the weights the run trained on (4-bit: axolotl's
+    # QLoRA quantization, NF4 + double quantization + bf16 storage), loaded here independently and dequantized.
     quantized = AutoModelForCausalLM.from_pretrained(
-        tiny_llama_dir,
-        device_map="cpu",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-            bnb_4bit_quant_storage=torch.bfloat16,
-        ),
+        tiny_llama_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(**settings)
     )
     modules = dict(quantized.named_modules())
     for key, (theta, indices) in adapter.items():
@@ -86,6 +105,8 @@ def test_load_in_4bit_trains_saves_adapter_only_and_merges_into_the_full_precisi
         assert torch.equal(chosen, magnitude.topk(TOP_K, dim=1).values), key
         assert torch.count_nonzero(theta) > 0.9 * theta.numel(), f"{key}: theta barely trained"
 
+    if quantization != "load_in_4bit":
+        return  # merge-lora forces both load_in_* off: the same unquantized path as below
     # merge-lora loads the base unquantized and merges exactly: W[i, idx] += theta, nothing else changes.
     process = _run([str(AXOLOTL_BIN), "merge-lora", str(config)], cwd=qworkdir)
     assert process.returncode == 0, f"axolotl merge-lora failed:\n{_tail(process)}"
