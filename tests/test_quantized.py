@@ -337,3 +337,24 @@ def test_other_quantization_schemes_are_refused_naming_what_is_supported():
         get_peft_model(model, NeuroAdaConfig())
     assert "Linear8bitLt" in str(info.value)
     assert not any(isinstance(m, NeuroAdaLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("quantization", ["nf4-bf16-double", "int8"])
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_saved_adapter_reloads_onto_the_quantized_base_exactly(
+    full_precision_dir, tmp_path, quantization, low_cpu_mem_usage
+):
+    peft_model = get_peft_model(
+        load_quantized(full_precision_dir, quantization), NeuroAdaConfig(top_k=2, init_weights=False)
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = peft_model(TOKENS).logits.detach()
+    loaded = PeftModel.from_pretrained(
+        load_quantized(full_precision_dir, quantization), tmp_path / "adapter", low_cpu_mem_usage=low_cpu_mem_usage
+    )
+    layers, saved_layers = neuroada_layers(loaded), neuroada_layers(peft_model)
+    for name, layer in layers.items():
+        assert type(layer) is type(saved_layers[name])
+        assert torch.equal(layer.neuroada_indices["default"], saved_layers[name].neuroada_indices["default"]), name
+        assert torch.equal(layer.neuroada_theta["default"], saved_layers[name].neuroada_theta["default"]), name
+    assert torch.equal(loaded(TOKENS).logits.detach(), expected)
