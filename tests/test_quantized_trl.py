@@ -130,16 +130,47 @@ def test_sft_trains_neuroada_on_a_4bit_base_with_gradient_checkpointing(tiny_lla
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
 
 
-def test_sft_example_script_takes_load_in_4bit(tiny_llama_dir, tmp_path):
-    """examples/trl/sft.py --load_in_4bit: the model it loads is 4-bit and NeuroAda wraps its Linear4bit layers."""
-    sys.path.insert(0, str(ROOT / "examples"))
+def test_sft_example_script_with_load_in_4bit_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """examples/trl/sft.py --load_in_4bit on the tiny model: a 4-bit base, and its printed scores agree with an
+    independent evaluation of a fresh 4-bit base with and without the saved adapter (never merged into 4-bit)."""
+    import warnings
+
+    from peft import PeftModel
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "trl"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    sys.modules.pop("sft", None)
+    import sft  # noqa: PLC0415
+
+    from common.method_args import method_arguments
     from common.trl_helpers import CommonsenseArguments, load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer(CommonsenseArguments(model_name_or_path=str(tiny_llama_dir), load_in_4bit=True))
-    assert model.is_loaded_in_4bit
-    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj")}
-    assert kinds == {"Linear4bit"}
-    assert model.is_gradient_checkpointing  # prepare_model_for_kbit_training(use_gradient_checkpointing=True)
+    data = CommonsenseArguments(
+        model_name_or_path=str(tiny_llama_dir), sources="csqa,piqa", train_size=8, eval_size=6, load_in_4bit=True
+    )
+    model, _ = load_model_and_tokenizer(data)
+    assert model.is_loaded_in_4bit and model.is_gradient_checkpointing  # prepare_model_for_kbit_training
+    assert {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj")} == {"Linear4bit"}
+    del model
+
+    settings = dict(sft.DEFAULTS, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4)
+    settings["disable_tqdm"] = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sft.main(data, method_arguments("neuroada")(), SFTConfig(**settings))
+    # The evaluation never merges into the 4-bit model (that would re-quantize and round).
+    assert not [w for w in caught if "re-quantized" in str(w.message)]
+    printed = capsys.readouterr().out
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    heldout = cs.make_splits(cs.load_questions("csqa,piqa")).heldout[:6]
+    base = _load_4bit(tiny_llama_dir)
+    before = cs.evaluate_multiple_choice(base, tokenizer, heldout)
+    tuned = PeftModel.from_pretrained(base, tmp_path / "out")
+    assert all(isinstance(m, Linear4bit) for m in tuned.modules() if isinstance(m, NeuroAdaLayer))
+    after = cs.evaluate_multiple_choice(tuned, tokenizer, heldout)
+    assert f"[before] held-out {before.summary()}" in printed
+    assert f"[after] held-out {after.summary()}" in printed
 
 
 def test_dpo_trains_neuroada_on_a_4bit_base_with_the_disabled_adapter_as_reference(tiny_llama_dir, tmp_path):
