@@ -66,3 +66,11 @@ def test_ram_efficient_loading_rank1_was_meta_and_got_rank0_state(runs):
     assert not real["weights_meta_before_broadcast"] and not real["meta_before_broadcast"]
     # identical training on both ranks: rank 1's losses match the DDP run's rank 1 (same weights, same batch)
     assert meta["losses"] == pytest.approx(runs["result"]["rank1"]["ddp"]["losses"], rel=1e-6)
+
+
+def test_rank_agreement_broadcasts_rank0_and_check_names_the_differing_buffer(runs):
+    rank0, rank1 = runs["result"]["rank0"]["agreement"], runs["result"]["rank1"]["agreement"]
+    assert rank0["agreed"] == rank1["agreed"] == [[0, 1], [2, 3], [4, 5]]  # rank 1 had [[10, 11], ...]
+    for info in (rank0, rank1):
+        assert info["check"].startswith("raised: NeuroAda connection indices differ between this rank and rank")
+        assert "model.layers.1.mlp.up_proj.neuroada_indices.default" in info["check"]

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from neuroada_plugin.neuroada.distributed import check_rank_agreement
+from neuroada_plugin.neuroada.distributed import RankDisagreementError, agree_across_ranks, check_rank_agreement
 from tests.distributed.common import LR, STEPS, indices_of, peft_config, rank_batch, theta_of
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--modes", default="ddp,fsdp1,fsdp2,meta")
+    parser.add_argument("--modes", default="agreement,ddp,fsdp1,fsdp2,meta")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -82,7 +82,21 @@ def main() -> None:
     for mode in args.modes.split(","):
         torch.manual_seed(0)
         info: dict = {}
-        if mode == "ddp":
+        if mode == "agreement":
+            # A rank that selected differently: the broadcast hands it rank 0's indices; the check names the buffer.
+            local = torch.arange(6, dtype=torch.int64).view(3, 2) + 10 * rank
+            info["agreed"] = agree_across_ranks(local, where="probe").tolist()
+            model = build(args.base, meta=False)
+            if rank == 1:
+                buffer = model.base_model.model.model.layers[1].mlp.up_proj.neuroada_indices["default"]
+                buffer[0] = buffer[0].flip(0)
+            try:
+                check_rank_agreement(model)
+                info["check"] = "passed"
+            except RankDisagreementError as error:
+                info["check"] = f"raised: {error}"
+            theta = {}
+        elif mode == "ddp":
             model = build(args.base, meta=False)
             info["agreement_buffers"] = check_rank_agreement(model)
             info["losses"] = train(model, data, rank, ddp=True)
