@@ -53,6 +53,7 @@ def _adapter(folder) -> tuple[dict, dict]:
 @pytest.mark.parametrize("trainer", ["sft", "dpo"])
 def test_two_processes_train_theta_like_one_process(runs, trainer):
     assert runs["two"]["world"] == 2 and runs["one"]["world"] == 1
+    assert runs["two"]["sharding"] == {"sft": "ddp", "dpo": "ddp"}
     theta_two, indices_two = _adapter(runs["multi"] / trainer)
     theta_one, indices_one = _adapter(runs["single"] / trainer)
     assert len(theta_one) == 14 and indices_two.keys() == indices_one.keys()

@@ -51,6 +51,15 @@ def sft_data() -> Dataset:
     return Dataset.from_list([{"input_ids": row} for row in ids])  # pre-tokenized, equal lengths
 
 
+def _sharding(trainer) -> str:
+    """How the trained model is distributed: "fsdp2" (theta is a DTensor), "fsdp1", "ddp" or "none"."""
+    theta = next(p for n, p in trainer.model.named_parameters() if "neuroada_theta" in n)
+    if hasattr(theta, "full_tensor"):
+        return "fsdp2"
+    wrapped = type(trainer.model_wrapped).__name__
+    return {"FullyShardedDataParallel": "fsdp1", "DistributedDataParallel": "ddp"}.get(wrapped, f"none ({wrapped})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -67,6 +76,7 @@ def main() -> None:
         peft_config=NeuroAdaConfig(top_k=2),
     )
     sft.train()
+    sharding = {"sft": _sharding(sft)}
     sft.save_model(str(args.out / "sft"))
     logs = {"sft": [e["loss"] for e in sft.state.log_history if "loss" in e]}
     world = sft.accelerator.num_processes
@@ -82,10 +92,12 @@ def main() -> None:
     )
     assert dpo.ref_model is None  # reference = the policy with the adapter disabled
     dpo.train()
+    sharding["dpo"] = _sharding(dpo)
     dpo.save_model(str(args.out / "dpo"))
     logs["dpo"] = [e["loss"] for e in dpo.state.log_history if "loss" in e]
     logs["dpo_margins"] = [e["rewards/margins"] for e in dpo.state.log_history if "rewards/margins" in e]
     logs["world"] = world
+    logs["sharding"] = sharding
     if dpo.accelerator.is_main_process:
         (args.out / "result.json").write_text(json.dumps(logs))
 
