@@ -82,6 +82,13 @@ def test_plain_save_of_the_partitioned_model_is_refused(zero3):
         assert zero3["result"][rank]["naive_save"].startswith("refused: NeuroAda adapter state holds 12 partitioned")
 
 
+def test_loading_into_the_engines_partitioned_theta_is_refused(zero3):
+    for rank in ("rank0", "rank1"):
+        message = zero3["result"][rank]["load_into_engine"]
+        assert message.startswith("refused: NeuroAda layer model.layers.0.")
+        assert "Load the adapter before deepspeed.initialize" in message
+
+
 def test_reloaded_adapter_gives_the_zero3_logits(zero3):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zero3["base"]), zero3["out"] / "adapter")
     model.eval()

@@ -329,6 +329,13 @@ class Linear(nn.Module, NeuroAdaLayer):
             name = key[len(theta_prefix) :]
             k = full_shape(self.neuroada_theta[name])[1] if name in self.neuroada_theta else None
             check_theta(state_dict[key], where=where, key=key, expected=(self.out_features, k), base_shape=base_shape)
+            if name in self.neuroada_theta and is_partitioned(self.neuroada_theta[name]):
+                raise AdapterCheckpointError(
+                    f"NeuroAda {where}: cannot load {key} into adapter {name!r}, whose theta DeepSpeed ZeRO-3 has "
+                    "partitioned (the engine is built, and its optimizer keeps its own copy of theta). Load the adapter "
+                    "before deepspeed.initialize / accelerator.prepare (as Trainer, TRL and Axolotl do), load it under "
+                    "a new adapter name, or resume from the DeepSpeed checkpoint."
+                )
 
     def __repr__(self) -> str:
         return "neuroada." + super().__repr__()

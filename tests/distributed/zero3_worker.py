@@ -127,6 +127,16 @@ def main() -> None:
             args.out / "merge.pt",
         )
 
+    # Loading values into the engine's partitioned theta would be undone by the optimizer's copy: refused clearly.
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        set_peft_model_state_dict(engine.module, load_file(args.out / "adapter" / "adapter_model.safetensors"))
+        result["load_into_engine"] = "loaded"
+    except AdapterCheckpointError as error:
+        result["load_into_engine"] = f"refused: {error}"
+
     # Load the saved adapter onto a fresh ZeRO-3 model (shape validation on partitioned weights), then
     # merge_and_unload without an engine: every layer is gathered, merged and written back on its own.
     torch.distributed.barrier()
