@@ -89,6 +89,18 @@ def test_loading_into_the_engines_partitioned_theta_is_refused(zero3):
         assert "Load the adapter before deepspeed.initialize" in message
 
 
+def test_disabled_adapter_gives_the_base_logits_under_zero3(zero3):
+    """DPO's reference forward (policy with the adapter disabled) on the sharded, trained model."""
+    base = AutoModelForCausalLM.from_pretrained(zero3["base"]).eval()
+    with torch.no_grad():
+        expected = base(input_ids=zero3["data"][0]).logits
+    for rank in (0, 1):
+        disabled = torch.load(zero3["out"] / f"disabled_logits_rank{rank}.pt")
+        torch.testing.assert_close(disabled, expected, rtol=1e-5, atol=1e-5)
+        trained = torch.load(zero3["out"] / f"logits_rank{rank}.pt")
+        assert (trained - expected).abs().max() > 1e-3  # the adapter does change the output
+
+
 def test_reloaded_adapter_gives_the_zero3_logits(zero3):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zero3["base"]), zero3["out"] / "adapter")
     model.eval()

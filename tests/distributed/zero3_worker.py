@@ -96,6 +96,10 @@ def main() -> None:
     with torch.no_grad():
         logits = engine(input_ids=probe).logits
     torch.save(logits.cpu(), args.out / f"logits_rank{rank}.pt")
+    # DPO's reference forward: the same sharded policy with the adapter disabled.
+    with torch.no_grad(), engine.module.disable_adapter():
+        reference = engine(input_ids=probe).logits
+    torch.save(reference.cpu(), args.out / f"disabled_logits_rank{rank}.pt")
 
     # Merge under ZeRO-3, per layer (each layer gathers itself and writes back from rank 0).
     result["base_status_before_merge"] = sorted(
