@@ -1,0 +1,48 @@
+"""NEAT (Li et al., arXiv 2410.01870; PEFT's PEANuT): nonlinear weight-aware adaptation as a PEFT method.
+
+``dW = s * B @ act(A @ W0)`` learned as a small network of the frozen weight, computed in the
+forward pass as ``s * B @ (act(A @ W0) @ x)`` without building a weight-sized tensor.
+
+Importing this package only registers the method's spec (no PEFT, no torch). The classes are
+loaded on first access (``from neuroada_plugin.neat import NeatConfig``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..registry import MethodSpec, register
+
+__all__ = ["NeatConfig", "NeatLayer", "NeatModel"]
+
+register(
+    MethodSpec(
+        name="neat",
+        config="neuroada_plugin.neat.config:NeatConfig",
+        tuner="neuroada_plugin.neat.model:NeatModel",
+        checkpoint_rule="neuroada_plugin.neat.checkpoint:neat_checkpoint_rule",
+        summary="NEAT (= PEFT's PEANuT): dW = s * B @ act(A @ W0), a small network of the frozen weight (exact merge).",
+        needs_float_weights=True,
+        reads_weights_when_created=False,
+        exact_merge=True,
+        supports_sharding=False,
+    )
+)
+
+# name -> submodule (all need PEFT)
+_LAZY = {"NeatConfig": "config", "NeatLayer": "layer", "NeatModel": "model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import peft  # noqa: F401  (first, on its own: see neuroada_plugin.neuroada)
+
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
