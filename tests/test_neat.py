@@ -186,3 +186,42 @@ def test_config_fields_have_help_and_peanut_activations_exist():
             assert f.metadata.get("help"), f.name
     assert set(ACTIVATIONS) <= set(ACT2FN)
     assert NeatConfig().peft_type == "NEAT"
+
+
+def test_checkpoint_rule_equals_the_layer_merge_bit_for_bit_and_checks_shapes(tmp_path):
+    from pathlib import Path
+
+    from neuroada_plugin.errors import AdapterCheckpointError
+    from neuroada_plugin.merge.rules import AdapterModule
+    from neuroada_plugin.neat.checkpoint import neat_checkpoint_rule
+
+    _, neat = pair(2, "silu")
+    layer = neat.base_model.model.up
+    original = layer.base_layer.weight.detach().clone()
+    tensors = {name: getattr(layer, f"neat_{name}")["default"].detach().clone() for name in ("A", "B", "E", "D")}
+    config = {"depth": 2, "act_fn": "silu", "scaling": 0.7}
+
+    def module(values):
+        keys = {name: f"up.neat_{name}" for name in values}
+        return AdapterModule("up", values, keys, config, Path(tmp_path / "adapter_model.safetensors"))
+
+    (patch,) = neat_checkpoint_rule(module(tensors), {})
+    streamed = patch.apply(original.clone())
+    layer.merge()
+    assert torch.equal(streamed, layer.base_layer.weight)
+    with pytest.raises(AdapterCheckpointError, match="neat_B"):
+        neat_checkpoint_rule(module({**tensors, "B": tensors["B"][:, :2]}), {})
+    with pytest.raises(AdapterCheckpointError, match="neat_E and neat_D"):
+        neat_checkpoint_rule(module({"A": tensors["A"], "B": tensors["B"]}), {})
+
+
+def test_merge_rule_modules_import_only_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import neuroada_plugin.neat.checkpoint, neuroada_plugin.neat.functional; "
+        "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["[]"]
