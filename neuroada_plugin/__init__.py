@@ -13,10 +13,9 @@ a second); the classes below are loaded on first access.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import Any
 
+from ._lazy import lazy_exports
 from .errors import AdapterCheckpointError, MergeError, UnsupportedTargetError
 
 __version__ = "0.1.0"
@@ -35,16 +34,7 @@ __all__ = [
 _LAZY = {name: "neuroada" for name in ("NeuroAdaConfig", "NeuroAdaLayer", "NeuroAdaModel", "select_connections")}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 def _register_with_peft() -> None:

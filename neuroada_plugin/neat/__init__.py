@@ -9,9 +9,7 @@ loaded on first access (``from neuroada_plugin.neat import NeatConfig``).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .._lazy import lazy_exports
 from ..registry import MethodSpec, register
 
 __all__ = ["NeatConfig", "NeatLayer", "NeatModel"]
@@ -30,19 +28,5 @@ register(
     )
 )
 
-# name -> submodule (all need PEFT)
 _LAZY = {"NeatConfig": "config", "NeatLayer": "layer", "NeatModel": "model"}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import peft  # noqa: F401  (first, on its own: see neuroada_plugin.neuroada)
-
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, needs_peft=set(_LAZY))

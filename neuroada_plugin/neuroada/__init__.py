@@ -6,9 +6,7 @@ loaded on first access (``from neuroada_plugin.neuroada import NeuroAdaConfig``)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .._lazy import lazy_exports
 from ..registry import MethodSpec, register
 
 __all__ = ["Linear", "NeuroAdaConfig", "NeuroAdaLayer", "NeuroAdaModel", "select_connections"]
@@ -28,28 +26,13 @@ register(
     )
 )
 
-# name -> (submodule, needs PEFT)
 _LAZY = {
-    "NeuroAdaConfig": ("config", True),
-    "NeuroAdaLayer": ("layer", True),
-    "Linear": ("layer", True),
-    "NeuroAdaModel": ("model", True),
-    "select_connections": ("selection", False),
+    "NeuroAdaConfig": "config",
+    "NeuroAdaLayer": "layer",
+    "Linear": "layer",
+    "NeuroAdaModel": "model",
+    "select_connections": "selection",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    submodule, needs_peft = _LAZY[name]
-    if needs_peft:
-        # Import PEFT first, on its own: the start-up hook registers the methods while none of
-        # this package's PEFT-dependent modules is half-imported.
-        import peft  # noqa: F401
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(
+    __name__, _LAZY, needs_peft={"NeuroAdaConfig", "NeuroAdaLayer", "Linear", "NeuroAdaModel"}
+)

@@ -174,4 +174,3 @@ class NeuroAdaConfig(PeftConfig):
         import torch
 
         return getattr(torch, self.theta_dtype) if self.theta_dtype is not None else None
-
