@@ -228,17 +228,11 @@ def _check_rl(spec: MethodSpec, data: Mapping[str, Any]) -> None:
 
 def deepspeed_zero_stage(deepspeed: Any) -> int | None:
     """ZeRO stage of an axolotl ``deepspeed:`` value (path to a JSON file or an inline dict)."""
-    config = deepspeed
-    if isinstance(deepspeed, (str, os.PathLike)) and os.path.isfile(deepspeed):
-        try:
-            with open(deepspeed, encoding="utf-8") as handle:
-                config = json.load(handle)
-        except (OSError, ValueError):
-            return None
-    if isinstance(config, Mapping):
+    config = _deepspeed_config(deepspeed)
+    if config is not None:
         stage = (config.get("zero_optimization") or {}).get("stage")
         return int(stage) if isinstance(stage, int) else None
-    if isinstance(config, str) and "zero3" in os.path.basename(config):
+    if isinstance(deepspeed, str) and "zero3" in os.path.basename(deepspeed):  # a name axolotl resolves itself
         return 3
     return None
 
