@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCheckpointError",
     "MergeError",
+    "NeatConfig",
+    "NeatModel",
     "NeuroAdaConfig",
     "NeuroAdaLayer",
     "NeuroAdaModel",
@@ -31,7 +33,10 @@ __all__ = [
     "select_connections",
 ]
 
-_LAZY = {name: "neuroada" for name in ("NeuroAdaConfig", "NeuroAdaLayer", "NeuroAdaModel", "select_connections")}
+_LAZY = {
+    **{name: "neuroada" for name in ("NeuroAdaConfig", "NeuroAdaLayer", "NeuroAdaModel", "select_connections")},
+    **{name: "neat" for name in ("NeatConfig", "NeatModel")},
+}
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

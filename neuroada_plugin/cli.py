@@ -26,7 +26,7 @@ from collections.abc import Callable
 from . import __version__
 from .registry import MethodSpec, load_object, methods
 
-__all__ = ["build_merge_parser", "build_parser", "main", "merge_main"]
+__all__ = ["build_merge_parser", "build_parser", "fail", "main", "merge_main"]
 
 PROG = "neuroada-plugin"
 MERGE_ALIAS = "neuroada-merge"
@@ -192,7 +192,7 @@ def _raise_on_sigterm(signum, frame) -> None:  # pragma: no cover - exercised th
     raise SystemExit(128 + signum)
 
 
-def _fail(prog: str, error: BaseException, code: int) -> int:
+def fail(prog: str, error: BaseException, code: int) -> int:
     message = "\n".join(textwrap.wrap(str(error), width=110, break_long_words=False, break_on_hyphens=False))
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
@@ -226,11 +226,11 @@ def _run_merge(args: argparse.Namespace) -> int:
                 log=log,
             )
         except OutputExistsError as error:
-            return _fail(prog, error, 3)
+            return fail(prog, error, 3)
         except InsufficientSpaceError as error:
-            return _fail(prog, error, 4)
+            return fail(prog, error, 4)
         except VerificationError as error:
-            return _fail(prog, error, 1)
+            return fail(prog, error, 1)
         except (
             AdapterCheckpointError,
             CheckpointFileError,
@@ -239,7 +239,7 @@ def _run_merge(args: argparse.Namespace) -> int:
             ValueError,
             FileNotFoundError,
         ) as error:
-            return _fail(prog, error, 2)
+            return fail(prog, error, 2)
         except KeyboardInterrupt:
             print(f"{prog}: interrupted; partial output removed.", file=sys.stderr)
             return 130
@@ -264,9 +264,9 @@ def _run_verify(args: argparse.Namespace) -> int:
         merged = resolve_folder(args.merged, "Merged checkpoint")
         result = verify_merge(base, adapter, merged, log=log)
     except VerificationError as error:
-        return _fail(prog, error, 1)
+        return fail(prog, error, 1)
     except (AdapterCheckpointError, CheckpointFileError, ValueError, OSError) as error:
-        return _fail(prog, error, 2)
+        return fail(prog, error, 2)
     print(f"verified {merged}: {result['summary']}")
     return 0
 

@@ -25,6 +25,7 @@ register(
         reads_weights_when_created=False,
         exact_merge=True,
         supports_sharding=False,
+        cli_commands=("neuroada_plugin.neat.cli:register",),
     )
 )
 

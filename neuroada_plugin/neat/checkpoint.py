@@ -9,6 +9,7 @@ too, so both paths write bit-identical weights. Imports torch only (no PEFT, no 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -16,14 +17,38 @@ from ..errors import AdapterCheckpointError
 from ..merge.rules import AdapterModule, BaseTensorInfo, TensorPatch
 from .functional import ACTIVATIONS, merged_weight
 
-__all__ = ["neat_checkpoint_rule"]
+__all__ = ["NeatModuleTensors", "check_base_weight", "neat_checkpoint_rule", "read_neat_module"]
 
 _REQUIRED = ("A", "B")
 _OPTIONAL = ("E", "D")
 
 
-def neat_checkpoint_rule(module: AdapterModule, base_tensors: Mapping[str, BaseTensorInfo]) -> list[TensorPatch]:
-    """One :class:`TensorPatch` for the module's weight; validates everything that needs no base values."""
+@dataclass(frozen=True)
+class NeatModuleTensors:
+    """One adapted layer's NEAT tensors and settings, read from a saved adapter and checked."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    encoders: torch.Tensor | None
+    decoders: torch.Tensor | None
+    act: str
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.encoders is None else self.encoders.shape[0]
+
+
+def read_neat_module(module: AdapterModule) -> NeatModuleTensors:
+    """The module's NEAT tensors, with every check that needs no base values (names, shapes, dtypes, config)."""
     where = module.where
     unknown = sorted(set(module.tensors) - {*_REQUIRED, *_OPTIONAL})
     if unknown:
@@ -64,26 +89,42 @@ def neat_checkpoint_rule(module: AdapterModule, base_tensors: Mapping[str, BaseT
             raise AdapterCheckpointError(
                 f"{where}: {module.keys[name]} has shape {tuple(tensor.shape)}, expected {(depth, r, r)} (depth, r, r)."
             )
-    target = f"{module.module}.weight"
+    return NeatModuleTensors(a, b, enc, dec, act, scaling)
 
-    def check(info: BaseTensorInfo) -> None:
-        if info.dtype is None or not info.dtype.is_floating_point:
-            raise AdapterCheckpointError(
-                f"NEAT layer {module.module}: base tensor {info.name!r} in {info.file.name} has dtype "
-                f"{info.dtype or 'unsupported'}; merging needs a floating-point (unquantized) weight."
-            )
-        if len(info.shape) != 2 or info.shape[0] != out:
-            raise AdapterCheckpointError(
-                f"NEAT layer {module.module}: base tensor {info.name!r} in {info.file.name} has shape "
-                f"{list(info.shape)}, but the adapter expects {out} output features (neat_A {tuple(a.shape)})."
-            )
+
+def check_base_weight(module: AdapterModule, tensors: NeatModuleTensors, info: BaseTensorInfo) -> None:
+    """Refuse a base weight NEAT cannot read: not floating point (quantized), or not ``[out, *]``."""
+    if info.dtype is None or not info.dtype.is_floating_point:
+        raise AdapterCheckpointError(
+            f"NEAT layer {module.module}: base tensor {info.name!r} in {info.file.name} has dtype "
+            f"{info.dtype or 'unsupported'}; NEAT needs a floating-point (unquantized) weight."
+        )
+    if len(info.shape) != 2 or info.shape[0] != tensors.out_features:
+        raise AdapterCheckpointError(
+            f"NEAT layer {module.module}: base tensor {info.name!r} in {info.file.name} has shape "
+            f"{list(info.shape)}, but the adapter expects {tensors.out_features} output features "
+            f"(neat_A {tuple(tensors.a.shape)})."
+        )
+
+
+def neat_checkpoint_rule(module: AdapterModule, base_tensors: Mapping[str, BaseTensorInfo]) -> list[TensorPatch]:
+    """One :class:`TensorPatch` for the module's weight; validates everything that needs no base values."""
+    t = read_neat_module(module)
+    target = f"{module.module}.weight"
 
     def apply(weight: torch.Tensor) -> torch.Tensor:
         try:
-            return merged_weight(weight, weight, a, b, enc, dec, act, scaling)
+            return merged_weight(weight, weight, t.a, t.b, t.encoders, t.decoders, t.act, t.scaling)
         except ValueError as error:
             raise AdapterCheckpointError(
                 f"NEAT layer {module.module} into {target!r}: {error} No output was written."
             ) from None
 
-    return [TensorPatch(target=target, apply=apply, check=check, description=f"neat r={r} depth={depth}")]
+    return [
+        TensorPatch(
+            target=target,
+            apply=apply,
+            check=lambda info: check_base_weight(module, t, info),
+            description=f"neat r={t.rank} depth={t.depth}",
+        )
+    ]
