@@ -79,12 +79,8 @@ def _greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> tuple[li
     return out.sequences[0, len(prompt) :].tolist(), float((top2[:, 0] - top2[:, 1]).min())
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory) -> dict:
-    """Train, save the adapter, merge it with the CLI, and record the unmerged adapter's greedy outputs."""
-    root = tmp_path_factory.mktemp("loop")
-    base = save_tiny_llama(root / "base", seed=0, **TINY)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+def training_data(tokenizer) -> dict:
+    """The memorised texts and the chat exchange: prompts and a padded, fully labelled training batch."""
     eos = tokenizer.eos_token_id
     user = [{"role": "user", "content": QUESTION}]
     answer = [{"role": "assistant", "content": "The capital of France is Paris."}]
@@ -103,27 +99,44 @@ def loop(tmp_path_factory) -> dict:
         input_ids[row, : len(seq)] = torch.tensor(seq)
         labels[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
+    return {"sequences": sequences, "prompts": prompts, "input_ids": input_ids, "labels": labels, "mask": mask}
 
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), NeuroAdaConfig(top_k=8))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+
+def train_until_stable(model, data: dict, eos: int, lr: float, max_steps: int = 300) -> list[tuple[list[int], float]]:
+    """Train the adapter of ``model`` on ``data`` until every greedy step has a clear margin; (tokens, margin) per prompt."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     references: list[tuple[list[int], float]] = []
-    for step in range(1, 301):
+    for step in range(1, max_steps + 1):
         model.train()
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=data["input_ids"], attention_mask=data["mask"], labels=data["labels"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 30 == 0:
             model.eval()
-            references = [_greedy(model, p, MAX_TOKENS, eos) for p in prompts]
+            references = [_greedy(model, p, MAX_TOKENS, eos) for p in data["prompts"]]
             if min(margin for _, margin in references) > MIN_MARGIN:
                 break
     margins = [margin for _, margin in references]
     assert min(margins) > MIN_MARGIN, f"training did not give stable greedy outputs (margins {margins}, loss {loss})"
     # The adapter learned the texts: greedy output continues each memorised sequence.
-    for seq, prompt, (tokens, _) in zip(sequences, prompts, references, strict=True):
+    for seq, prompt, (tokens, _) in zip(data["sequences"], data["prompts"], references, strict=True):
         assert tokens[: len(seq) - len(prompt)] == seq[len(prompt) : len(prompt) + len(tokens)]
+    return references
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory) -> dict:
+    """Train, save the adapter, merge it with the CLI, and record the unmerged adapter's greedy outputs."""
+    root = tmp_path_factory.mktemp("loop")
+    base = save_tiny_llama(root / "base", seed=0, **TINY)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    eos = tokenizer.eos_token_id
+    data = training_data(tokenizer)
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), NeuroAdaConfig(top_k=8))
+    references = train_until_stable(model, data, eos, lr=3e-2)
 
     adapter = root / "adapter"
     model.save_pretrained(adapter)
@@ -135,11 +148,39 @@ def loop(tmp_path_factory) -> dict:
         "adapter": adapter,
         "merged": merged,
         "tokenizer": tokenizer,
-        "prompts": prompts,
+        "prompts": data["prompts"],
         "expected": [tokens for tokens, _ in references],
-        "margins": margins,
+        "margins": [margin for _, margin in references],
         "chat_index": len(TEXTS),
     }
+
+
+def vllm_offline_generate(vllm_python: Path, model: Path, prompts: list[list[int]], tmp_path: Path) -> list[list[int]]:
+    """Greedy token ids of vLLM's offline ``LLM`` engine (float32, eager) for each prompt of token ids."""
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts))
+    result_file = tmp_path / "vllm.json"
+    env = vllm_environment(str(vllm_python))
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: one fewer ~20 s process start
+    command = [
+        str(vllm_python), str(REPO / "serving" / "offline_generate.py"), "--model", str(model),
+        "--prompt-ids", str(prompts_file), "--max-tokens", str(MAX_TOKENS), "--dtype", "float32",
+        "--enforce-eager", "--max-model-len", "256", "--output", str(result_file),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True
+    )
+    try:
+        log, _ = process.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"vLLM offline generation timed out; log tail:\n{log[-4000:]}")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, log[-4000:]
+    return [o["token_ids"] for o in json.loads(result_file.read_text())["outputs"]]
 
 
 def test_merged_checkpoint_in_transformers_matches_unmerged_adapter(loop):
@@ -173,31 +214,7 @@ def test_bf16_streaming_merge_equals_in_memory_merge_bit_for_bit(loop, tmp_path)
 
 
 def test_vllm_offline_engine_matches_unmerged_adapter(vllm_python, loop, tmp_path):
-    prompts_file = tmp_path / "prompts.json"
-    prompts_file.write_text(json.dumps(loop["prompts"]))
-    result_file = tmp_path / "vllm.json"
-    env = vllm_environment(str(vllm_python))
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: one fewer ~20 s process start
-    command = [
-        str(vllm_python), str(REPO / "serving" / "offline_generate.py"), "--model", str(loop["merged"]),
-        "--prompt-ids", str(prompts_file), "--max-tokens", str(MAX_TOKENS), "--dtype", "float32",
-        "--enforce-eager", "--max-model-len", "256", "--output", str(result_file),
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True
-    )
-    try:
-        log, _ = process.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        pytest.fail(f"vLLM offline generation timed out; log tail:\n{log[-4000:]}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, log[-4000:]
-    outputs = json.loads(result_file.read_text())["outputs"]
-    assert [o["token_ids"] for o in outputs] == loop["expected"]
+    assert vllm_offline_generate(vllm_python, loop["merged"], loop["prompts"], tmp_path) == loop["expected"]
 
 
 def test_vllm_openai_server_matches_unmerged_adapter(vllm_python, loop, tmp_path):
