@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..errors import UnsupportedTargetError
 from ..neuroada.config import DEFAULT_TARGET_MODULES
+from ..tuner_base import ParameterDictTuner
 from .config import NeatConfig
 from .layer import NeatLayer
 
 
-class NeatModel(BaseTuner):
+class NeatModel(ParameterDictTuner):
     """PEFT tuner for NEAT. Create it through ``peft.get_peft_model(model, NeatConfig())``.
 
     Adapts ``torch.nn.Linear`` layers with a floating-point weight; other module types (GPT-2

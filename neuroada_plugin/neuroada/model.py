@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..errors import AdapterCheckpointError, UnsupportedTargetError
+from ..tuner_base import ParameterDictTuner
 from .bnb import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind, dispatch_bnb
 from .config import DEFAULT_TARGET_MODULES, NeuroAdaConfig
 from .layer import Linear, NeuroAdaLayer
 
 
-class NeuroAdaModel(BaseTuner):
+class NeuroAdaModel(ParameterDictTuner):
     """PEFT tuner for NeuroAda. Create it through ``peft.get_peft_model(model, NeuroAdaConfig())``.
 
     ``torch.nn.Linear`` layers with a floating-point weight and bitsandbytes ``Linear4bit`` /
@@ -117,22 +118,19 @@ class NeuroAdaModel(BaseTuner):
         return result
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """PEFT's cast (bf16/fp16 adapters upcast to float32 unless ``autocast_adapter_dtype=False``), except
-        that a theta pinned by ``config.theta_dtype`` keeps that dtype, and no theta changes ``requires_grad``.
-
-        PEFT's generic cast re-wraps ParameterDict entries as new Parameters, which would make a
-        frozen (inactive) adapter trainable; the flags are restored afterwards.
-        """
-        pinned = self.peft_config[adapter_name].torch_theta_dtype
-        layers = [m for m in self.model.modules() if isinstance(m, NeuroAdaLayer) and adapter_name in m.neuroada_theta]
-        trainable = [layer.neuroada_theta[adapter_name].requires_grad for layer in layers]
+        """PEFT's cast (bf16/fp16 adapters upcast to float32 unless ``autocast_adapter_dtype=False``; flags kept by
+        :class:`ParameterDictTuner`), except that a theta pinned by ``config.theta_dtype`` keeps that dtype."""
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        for layer, requires_grad in zip(layers, trainable, strict=True):
-            theta = layer.neuroada_theta[adapter_name]
-            if pinned is not None and theta.dtype != pinned:  # bf16/fp16 -> fp32 -> back: exact
-                theta = theta.detach().to(pinned)
-            if theta is not layer.neuroada_theta[adapter_name] or theta.requires_grad != requires_grad:
-                layer.neuroada_theta[adapter_name] = nn.Parameter(theta.detach(), requires_grad=requires_grad)
+        pinned = self.peft_config[adapter_name].torch_theta_dtype
+        if pinned is None:
+            return
+        for layer in self.model.modules():
+            if isinstance(layer, NeuroAdaLayer) and adapter_name in layer.neuroada_theta:
+                theta = layer.neuroada_theta[adapter_name]
+                if theta.dtype != pinned:  # bf16/fp16 -> fp32 -> back: exact
+                    layer.neuroada_theta[adapter_name] = nn.Parameter(
+                        theta.detach().to(pinned), requires_grad=theta.requires_grad
+                    )
 
     def _check_new_adapter_config(self, config: NeuroAdaConfig) -> None:
         super()._check_new_adapter_config(config)

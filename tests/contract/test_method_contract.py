@@ -136,6 +136,33 @@ def test_adapter_dtype_on_a_bf16_base_matches_lora(spec, autocast_adapter_dtype,
     assert dtypes[spec.prefix] == dtypes["lora_"] == {torch.float32 if autocast_adapter_dtype else torch.bfloat16}
 
 
+def _flags(model, prefix: str) -> set[tuple[str, torch.dtype, bool]]:
+    """(adapter name, dtype, requires_grad) of every adapter tensor with ``prefix`` (LoRA's or the method's)."""
+    return {(n.rsplit(".", 2)[-2] if n.endswith(".weight") else n.rsplit(".", 1)[-1], p.dtype, p.requires_grad)
+            for n, p in model.named_parameters() if prefix in n and p.is_floating_point()}  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_inactive_and_loaded_adapters_on_a_bf16_base_stay_frozen_like_lora(spec, tiny_llama_dir, tmp_path):
+    """PEFT casts adapter tensors on every entry point; a frozen adapter must stay frozen through it (as LoRA's)."""
+    from peft import PeftModel
+
+    seen = {}
+    for prefix, make in (
+        (spec.prefix, lambda: make_config(spec)),
+        ("lora_", lambda: LoraConfig(target_modules=TARGETS)),
+    ):
+        model = get_peft_model(load_base(tiny_llama_dir, torch.bfloat16), make())
+        model.add_adapter("second", make())  # inactive: frozen
+        model.add_adapter("third", make(), autocast_adapter_dtype=False)
+        model.save_pretrained(tmp_path / prefix)
+        loaded = PeftModel.from_pretrained(load_base(tiny_llama_dir, torch.bfloat16), tmp_path / prefix)
+        loaded.load_adapter(tmp_path / prefix, adapter_name="other")
+        seen[prefix] = (_flags(model, prefix), _flags(loaded, prefix))
+    assert seen[spec.prefix] == seen["lora_"]
+    assert ("second", torch.float32, False) in seen["lora_"][0]  # the case that went wrong
+
+
 _FRESH_PROCESS = """
 import json, sys, torch
 from peft import PeftModel

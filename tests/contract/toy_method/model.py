@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+
+from neuroada_plugin.tuner_base import ParameterDictTuner
 
 from .layer import ToyRankLayer
 
 
-class ToyRankModel(BaseTuner):
+class ToyRankModel(ParameterDictTuner):
     prefix: str = "toyrank_"
     tuner_layer_cls = ToyRankLayer
     target_module_mapping: dict = {}
