@@ -105,8 +105,8 @@ class Method:
 
     name: str
     label: str
-    kind: str  # "none" | "neuroada" | "lora" | "full"
-    size: int = 0  # NeuroAda top_k or LoRA rank
+    kind: str  # "none" | "neuroada" | "lora" | "neat" | "full"
+    size: int = 0  # NeuroAda top_k, LoRA or NEAT rank
     grid: tuple[float, ...] = ()
     est_step_s: float = 0.0  # SmolLM2-135M, batch 8, 2 quiet CPU cores (for the up-front estimate)
 
@@ -128,6 +128,8 @@ METHODS: dict[str, Method] = {
         Method("neuroada_k20", "NeuroAda k=20", "neuroada", 20, (2e-3, 5e-3, 2e-2), 5.5),
         Method("lora_r8", "LoRA r=8", "lora", 8, (2e-3, 5e-3, 1e-2), 4.6),
         Method("full_ft", "full fine-tuning", "full", 0, (1e-5, 3e-5, 1e-4), 4.9),
+        # NEAT starts from B = 0 like LoRA and has LoRA's parameter shapes: LoRA's grid.
+        Method("neat_r8", "NEAT r=8", "neat", 8, (2e-3, 5e-3, 1e-2), 5.0),
     )
 }
 EST_EVAL_S_PER_QUESTION = 0.18  # PIQA (2 options), merged model, 2 quiet cores
@@ -189,16 +191,18 @@ def run_data(
 
 
 def peft_config(method: Method, model: Any) -> Any:
-    """NeuroAda or LoRA config on the same modules (NeuroAda's defaults); ``None`` for full fine-tuning."""
+    """NeuroAda, LoRA or NEAT config on the same modules (NeuroAda's defaults); ``None`` for full fine-tuning."""
     from peft import LoraConfig
 
-    from neuroada_plugin import NeuroAdaConfig
+    from neuroada_plugin import NeatConfig, NeuroAdaConfig
     from neuroada_plugin.neuroada.config import DEFAULT_TARGET_MODULES
 
+    targets = DEFAULT_TARGET_MODULES[model.config.model_type]
     if method.kind == "neuroada":
         return NeuroAdaConfig(top_k=method.size, task_type="CAUSAL_LM")
+    if method.kind == "neat":
+        return NeatConfig(r=method.size, target_modules=targets, task_type="CAUSAL_LM")
     if method.kind == "lora":
-        targets = DEFAULT_TARGET_MODULES[model.config.model_type]
         return LoraConfig(
             r=method.size, lora_alpha=2 * method.size, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
         )

@@ -149,6 +149,8 @@ EFFICIENCY_CONFIGS = {
     "dense_neuroada_k1",
     "neuroada_k1",
     "neuroada_k20",
+    "neat_r8",
+    "peanut_r8",
 }
 
 
@@ -198,12 +200,26 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
         assert by_config["lora_r8"]["trainable_params"] == 8 * in_out_sum, key
         assert by_config["shira"]["trainable_params"] == payload["shira_r"] * in_out_sum, key
         assert by_config["full_ft"]["trainable_pct"] == 100.0, key
+        # NEAT and PEANuT at r=8, depth 0: A [r, out] + B [out, r] per layer, the same count for both.
+        assert by_config["neat_r8"]["trainable_params"] == 2 * 8 * out_sum, key
+        assert by_config["peanut_r8"]["trainable_params"] == 2 * 8 * out_sum, key
 
-    targets = {t["kind"]: t for t in payload["targets"] if t["model"] == "smollm2"}
-    assert len(targets) == 3 and all(t["value"] > 0 for t in targets.values())
-    # Three memory checks and the best-round time check decide; the all-steps median is shown beside it.
-    binding = [t["kind"] for t in payload["targets"] if t["model"] == "smollm2" and t["binding"]]
-    assert binding == ["memory", "memory", "memory", "time_best"]
+    smollm2 = [t for t in payload["targets"] if t["model"] == "smollm2"]
+    targets = {t["kind"]: t for t in smollm2 if t["method"] == "neuroada_k1"}
+    assert len(targets) == 3 and all(t["value"] > 0 for t in smollm2)
+    # Memory checks and the best-round time check decide; the all-steps median is shown beside it.
+    binding = [(t["method"], t["kind"]) for t in smollm2 if t["binding"]]
+    assert binding == [
+        *[("neuroada_k1", "memory")] * 3,
+        ("neuroada_k1", "time_best"),
+        *[("neat_r8", "memory")] * 2,
+        ("neat_r8", "time_best"),
+    ]
+    rows = {r["config"]: r for r in payload["rows"] if r["model"] == "smollm2"}
+    neat_vs_peanut = next(t for t in smollm2 if t["reference"] == "peanut_r8")
+    assert neat_vs_peanut["value"] == (
+        rows["neat_r8"]["peak_over_weights_bytes"] / rows["peanut_r8"]["peak_over_weights_bytes"]
+    )
     rows = {r["config"]: r for r in payload["rows"] if r["model"] == "smollm2"}
     ours, lora = rows["neuroada_k1"], rows["lora_r8"]
     assert targets["time_best"]["value"] == min(ours["round_median_step_s"]) / min(lora["round_median_step_s"])
