@@ -281,6 +281,8 @@ def _flags(spec: MethodSpec) -> list[str]:
         flags.append("needs-float-weights")
     if spec.reads_weights_when_created:
         flags.append("reads-weights-when-created")
+    if spec.reads_weights_in_forward:
+        flags.append("reads-weights-in-forward")
     return flags
 
 

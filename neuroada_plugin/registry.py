@@ -65,6 +65,11 @@ class MethodSpec:
         reads_weights_when_created: Adapter creation reads the base weights (selection, a
             weight-dependent init): it must gather them when they are sharded (ZeRO-3) and
             cannot run on meta/empty weights.
+        reads_weights_in_forward: Every forward reads the full frozen weight (NEAT's ``act(A @ W0)``),
+            not only the base layer's own matmul. DeepSpeed ZeRO-3 hands a layer only its partition
+            outside the base layer's forward, so without ``supports_sharding`` ZeRO-3 is refused.
+            FSDP keeps a whole wrapped unit's weights gathered through its forward and backward,
+            so FSDP stays accepted.
         supports_sharding: Creation and merging work on sharded models: ZeRO-3 partitioned weights are
             gathered one layer at a time, and a model whose weights are meta on ranks other than 0
             (FSDP ``cpu_ram_efficient_loading``) takes rank 0's adapter state from the broadcast
@@ -89,6 +94,7 @@ class MethodSpec:
     summary: str = ""
     needs_float_weights: bool = True
     reads_weights_when_created: bool = True
+    reads_weights_in_forward: bool = False
     exact_merge: bool = True
     quantized_layers: tuple[str, ...] = ()
     supports_sharding: bool = False

@@ -30,7 +30,8 @@ unsharded = dataclasses.replace(spec, supports_sharding=False)  # a method that 
 results = {}
 for name, (which, data) in cases.items():
     try:
-        check_raw_config(unsharded if which == "unsharded" else spec, data)
+        chosen = {"spec": spec, "unsharded": unsharded, "neat": get_method("neat")}[which]
+        check_raw_config(chosen, data)
         results[name] = "ok"
     except ValueError as error:
         results[name] = f"refused: {error}"
@@ -66,6 +67,13 @@ CASES = {
         {"adapter": "neuroada", "fsdp_config": {"cpu_ram_efficient_loading": True}},
     ),
     "unsharded_zero2": ("unsharded", {"adapter": "neuroada", "deepspeed": ZERO2}),
+    # NEAT reads the whole frozen weight in every forward (reads_weights_in_forward): ZeRO-3 refused.
+    "neat_zero3": ("neat", {"adapter": "neat", "deepspeed": ZERO3}),
+    "neat_zero2": ("neat", {"adapter": "neat", "deepspeed": ZERO2}),
+    "neat_fsdp_ram_efficient": (
+        "neat",
+        {"adapter": "neat", "fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}},
+    ),
 }
 
 
@@ -104,13 +112,22 @@ def test_multi_gpu_configurations(tmp_path, tiny_llama_dir):
     (tmp_path / "fsdp.yml").write_text(yaml.safe_dump(example))
     results = _run(CASES, {"fsdp_example": str(tmp_path / "fsdp.yml")}, tmp_path)
 
-    for name in ("zero3_file", "zero2_file", "zero3_inline_gathers", "fsdp_ram_efficient", "unsharded_zero2"):
+    for name in (
+        "zero3_file",
+        "zero2_file",
+        "zero3_inline_gathers",
+        "fsdp_ram_efficient",
+        "unsharded_zero2",
+        "neat_zero2",
+        "neat_fsdp_ram_efficient",
+    ):
         assert results[name] == "ok", (name, results[name])
     assert results["fsdp_example"] == "ok fsdp_version=2 ram_efficient=True", results["fsdp_example"]
     assert "stage3_gather_16bit_weights_on_model_save: true" in results["zero3_inline_no_gather"]
     assert "empty" in results["zero3_inline_no_gather"]
     assert "cannot gather them" in results["unsharded_zero3"]
     assert "cpu_ram_efficient_loading: true" in results["unsharded_ram_efficient"]
+    assert "reads the full frozen weight in every forward pass" in results["neat_zero3"]
 
 
 def test_example_configs_name_existing_files():

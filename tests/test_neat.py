@@ -225,3 +225,17 @@ def test_merge_rule_modules_import_only_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["[]"]
+
+
+def test_a_sharded_weight_is_refused_with_the_reason():
+    """A DeepSpeed ZeRO-3 partition (flat, here empty) cannot feed act(A @ W0): say so instead of a shape error."""
+    from neuroada_plugin.errors import UnsupportedTargetError
+
+    model = Tiny()
+    model.up.weight.data = torch.empty(0)
+    with pytest.raises(UnsupportedTargetError, match=r"NEAT cannot adapt up: .*ZeRO-3"):
+        get_peft_model(model, NeatConfig(r=R, target_modules=["up"]))
+    model = get_peft_model(Tiny(), NeatConfig(r=R, target_modules=["up"]))
+    model.base_model.model.up.base_layer.weight.data = torch.empty(0)
+    with pytest.raises(RuntimeError, match=r"NEAT layer \(24x20\) sees its frozen weight as a \(0,\) shard"):
+        model(inputs())

@@ -23,6 +23,7 @@ register(
         summary="NEAT (= PEFT's PEANuT): dW = s * B @ act(A @ W0), a small network of the frozen weight (exact merge).",
         needs_float_weights=True,
         reads_weights_when_created=False,
+        reads_weights_in_forward=True,
         exact_merge=True,
         supports_sharding=False,
         cli_commands=("neuroada_plugin.neat.cli:register",),

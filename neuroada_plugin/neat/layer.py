@@ -104,10 +104,16 @@ class NeatLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         weight = self.get_base_layer().weight
+        if weight.shape != (self.out_features, self.in_features):
+            raise RuntimeError(
+                f"NEAT layer ({self.out_features}x{self.in_features}) sees its frozen weight as a "
+                f"{tuple(weight.shape)} shard in the forward pass (DeepSpeed ZeRO-3 gathers it only inside the base "
+                "layer's own forward); NEAT reads the whole weight every step. Use ZeRO-1/2, DDP or FSDP."
+            )
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.neat_A:
                 continue

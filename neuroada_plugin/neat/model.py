@@ -31,6 +31,11 @@ class NeatModel(ParameterDictTuner):
                 f"NEAT adapts torch.nn.Linear layers with a floating-point weight only; {current_key} is a "
                 f"{type(target).__name__}. Exclude it (exclude_modules) or choose other target_modules."
             )
+        if target.weight.dim() != 2:  # a DeepSpeed ZeRO-3 partition (flat, often empty)
+            raise UnsupportedTargetError(
+                f"NEAT cannot adapt {current_key}: its weight is a {tuple(target.weight.shape)} shard (DeepSpeed "
+                "ZeRO-3?), and NEAT reads the whole frozen weight in every forward. Use ZeRO-1/2, DDP or FSDP."
+            )
         new_module = NeatLayer(target, adapter_name, config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

@@ -9,6 +9,8 @@ not from one method's policies:
   method partitioned or meta weights when the adapter is created (DeepSpeed ZeRO-3, FSDP
   ``cpu_ram_efficient_loading``) are refused; with it they pass (ZeRO-3 still needs
   ``stage3_gather_16bit_weights_on_model_save: true``, or the saved adapter would be empty);
+* ``reads_weights_in_forward`` without ``supports_sharding``: DeepSpeed ZeRO-3 is refused (the
+  layer would see a partition of the weight in its forward);
 * every method: misspelt ``<method>_*`` keys, LoRA-only keys that would be ignored, merge
   methods that only understand LoRA files, and RL continuations that would drop the adapter.
 
@@ -145,6 +147,12 @@ def _check_sharding(spec: MethodSpec, data: Mapping[str, Any]) -> None:
                 "`fsdp_config.cpu_ram_efficient_loading: true` loads the weights on non-zero ranks as meta tensors, "
                 f"but `adapter: {name}` reads the weights when the adapter is created. Set it to false."
             )
+    if spec.reads_weights_in_forward and not spec.supports_sharding and zero_stage == 3:
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 (`deepspeed: {data.get('deepspeed')}`) partitions every weight outside its own "
+            f"layer's matmul, but `adapter: {name}` reads the full frozen weight in every forward pass. Use "
+            "ZeRO-1/2, DDP, or FSDP (which keeps a wrapped layer's weights whole through its forward and backward)."
+        )
     if zero_stage == 3 and _zero3_gathers_on_save(data.get("deepspeed")) is False:
         raise ValueError(
             f"DeepSpeed ZeRO-3 (`deepspeed: {data.get('deepspeed')}`) without "
