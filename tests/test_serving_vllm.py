@@ -155,8 +155,13 @@ def loop(tmp_path_factory) -> dict:
     }
 
 
-def vllm_offline_generate(vllm_python: Path, model: Path, prompts: list[list[int]], tmp_path: Path) -> list[list[int]]:
-    """Greedy token ids of vLLM's offline ``LLM`` engine (float32, eager) for each prompt of token ids."""
+def vllm_offline_generate(
+    vllm_python: Path, model: Path, prompts: list[list[int]], tmp_path: Path, lora: Path | None = None
+) -> list[list[int]]:
+    """Greedy token ids of vLLM's offline ``LLM`` engine (float32, eager) for each prompt of token ids.
+
+    With ``lora``: the engine serves ``model`` with that LoRA adapter (vLLM's multi-LoRA path).
+    """
     prompts_file = tmp_path / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     result_file = tmp_path / "vllm.json"
@@ -167,6 +172,8 @@ def vllm_offline_generate(vllm_python: Path, model: Path, prompts: list[list[int
         "--prompt-ids", str(prompts_file), "--max-tokens", str(MAX_TOKENS), "--dtype", "float32",
         "--enforce-eager", "--max-model-len", "256", "--output", str(result_file),
     ]  # fmt: skip
+    if lora is not None:
+        command += ["--lora", str(lora)]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True
     )

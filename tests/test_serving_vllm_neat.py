@@ -9,7 +9,9 @@ scaling 0.5) trained until its greedy continuations have clear logit margins. Ch
 * the merged weights equal PEFT's own implementation of the method (``PeanutConfig``, the saved
   values copied in) merged with ``merge_and_unload()``, to float tolerance;
 * vLLM's offline engine on the merged checkpoint generates exactly the greedy tokens of
-  transformers + the unmerged adapter, and not those of the base model.
+  transformers + the unmerged adapter, and not those of the base model;
+* the adapter exported as a standard LoRA adapter (``neuroada-plugin neat-to-lora``) and served
+  on the unmodified base through vLLM's multi-LoRA path generates those same tokens.
 
 vLLM runs from ``.venv-vllm``; without it the vLLM test FAILS (not skips), as in test_serving_vllm.py.
 """
@@ -166,3 +168,19 @@ def test_vllm_offline_engine_serves_merged_neat_like_unmerged_adapter(vllm_pytho
     # Not vacuous: the base model continues every prompt differently.
     for prompt, got, base in zip(neat_loop["prompts"], outputs, neat_loop["base_outputs"], strict=True):
         assert got != base, (prompt, got, base)
+
+
+def test_vllm_multi_lora_serves_the_exported_neat_adapter_like_the_adapter(vllm_python, neat_loop, tmp_path):
+    lora = tmp_path / "neat-as-lora"
+    command = [sys.executable, "-m", "neuroada_plugin", "neat-to-lora", "--base", str(neat_loop["base"])]
+    process = subprocess.run(
+        [*command, "--adapter", str(neat_loop["adapter"]), "--output", str(lora), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    config = json.loads((lora / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", NEAT["r"], NEAT["r"])
+    outputs = vllm_offline_generate(vllm_python, neat_loop["base"], neat_loop["prompts"], tmp_path, lora=lora)
+    assert outputs == neat_loop["expected"]
