@@ -1,4 +1,4 @@
-"""NEAT (Li et al., arXiv 2410.01870; PEFT's PEANuT): nonlinear weight-aware adaptation as a PEFT method.
+"""NEAT (Zhong et al., arXiv 2410.01870; PEFT's PEANuT): nonlinear weight-aware adaptation as a PEFT method.
 
 ``dW = s * B @ act(A @ W0)`` learned as a small network of the frozen weight, computed in the
 forward pass as ``s * B @ (act(A @ W0) @ x)`` without building a weight-sized tensor.

@@ -11,7 +11,7 @@ from .functional import ACTIVATIONS
 
 @dataclass
 class NeatConfig(PeftConfig):
-    """NEAT (Li et al., arXiv 2410.01870; PEFT's ``PeanutConfig``): ``dW = s * B @ act(A @ W0)``.
+    """NEAT (Zhong et al., arXiv 2410.01870; PEFT's ``PeanutConfig``): ``dW = s * B @ act(A @ W0)``.
 
     Each targeted ``nn.Linear`` (weight ``W0: [out, in]``) learns a small network of its own
     frozen weight: ``A: [r, out]`` (Kaiming-uniform), ``B: [out, r]`` (zero when ``init_weights``)
