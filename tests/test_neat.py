@@ -188,6 +188,15 @@ def test_config_fields_have_help_and_peanut_activations_exist():
     assert NeatConfig().peft_type == "NEAT"
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_each_activation_equals_transformers_act2fn(name):
+    """PEANuT applies ``ACT2FN[act_fn]``; the torch equivalents used here must compute the same function."""
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    torch.testing.assert_close(ACTIVATIONS[name](x), ACT2FN[name](x), rtol=1e-12, atol=1e-12)
+
+
 def test_checkpoint_rule_equals_the_layer_merge_bit_for_bit_and_checks_shapes(tmp_path):
     from pathlib import Path
 
