@@ -24,10 +24,21 @@ TOP_K = 2
 VOCAB = 256
 
 
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
 def peft_config():
     from neuroada_plugin import NeuroAdaConfig
 
-    return NeuroAdaConfig(top_k=TOP_K, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    return NeuroAdaConfig(top_k=TOP_K, target_modules=TARGETS)
+
+
+def neat_config():
+    """NEAT with a residual pair (depth 1) and B drawn at random, so A, B, E and D all get gradients from step 1
+    (A's gradient needs the whole frozen W0 in backward)."""
+    from neuroada_plugin import NeatConfig
+
+    return NeatConfig(r=4, depth=1, act_fn="silu", init_weights=False, target_modules=TARGETS)
 
 
 def make_data(path: Path, seed: int = 0) -> torch.Tensor:
@@ -60,6 +71,20 @@ def theta_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {_key(n): p.detach().cpu().clone() for n, p in model.named_parameters() if ".neuroada_theta." in n}
 
 
+def neat_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """NEAT's trainable tensors (``neat_A``, ``neat_B``, ``neat_E``, ``neat_D``), keyed like :func:`theta_of`."""
+    return {_key(n): p.detach().cpu().clone() for n, p in model.named_parameters() if ".neat_" in n}
+
+
+def base_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that is not NeuroAda's or NEAT's, keyed like :func:`theta_of`."""
+    return {
+        _key(n): p.detach().cpu().clone()
+        for n, p in model.named_parameters()
+        if ".neat_" not in n and ".neuroada_" not in n
+    }
+
+
 def indices_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {_key(n): b.detach().cpu().clone() for n, b in model.named_buffers() if ".neuroada_indices." in n}
 
@@ -72,19 +97,32 @@ def _key(name: str) -> str:
 
 def reference_train(base_dir: Path, data: torch.Tensor) -> tuple[dict, dict]:
     """One process, the whole global batch per step: theta and indices after STEPS AdamW steps."""
+    model, _ = reference_model(base_dir, data, peft_config())
+    return theta_of(model), indices_of(model)
+
+
+def reference_model(base_dir: Path, data: torch.Tensor, config, steps: int = STEPS) -> tuple[torch.nn.Module, list]:
+    """One process, the whole global batch per step: the PEFT model after ``steps`` AdamW steps and its losses.
+
+    Seeded like the workers (``torch.manual_seed(0)`` before loading), so randomly initialised adapter
+    tensors start from the same values; ``steps=0`` gives those initial values.
+    """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), peft_config())
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    for step in range(STEPS):
+    losses = []
+    for step in range(steps):
         batch = data[step]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return theta_of(model), indices_of(model)
+        losses.append(loss.item())
+    return model, losses
 
 
 def top_abs_indices(weight: torch.Tensor, k: int) -> torch.Tensor:

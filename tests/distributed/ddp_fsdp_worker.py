@@ -45,6 +45,21 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def shard_fsdp1(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP1 with ``use_orig_params`` (frozen base and trainable adapter in one flat parameter), one unit per
+    decoder layer."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return FullyShardedDataParallel(
+        model,
+        auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+    )
+
+
 def full_theta(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in theta_of(model).items():
@@ -109,16 +124,8 @@ def main() -> None:
             theta = full_theta(model)
         elif mode == "fsdp1":
             from torch.distributed.fsdp import FullyShardedDataParallel
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-            from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-            model = build(args.base, meta=False)
-            model = FullyShardedDataParallel(
-                model,
-                auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
-                use_orig_params=True,
-                device_id=torch.device("cpu"),
-            )
+            model = shard_fsdp1(build(args.base, meta=False))
             info["agreement_buffers"] = check_rank_agreement(model)
             info["losses"] = train(model, data, rank)
             with FullyShardedDataParallel.summon_full_params(model):
