@@ -59,6 +59,8 @@ class MethodSpec:
             :mod:`neuroada_plugin.merge.rules`); ``None`` when the method cannot be merged by
             streaming. The rule's module must not import PEFT or Transformers.
         summary: One line for ``--help`` and ``neuroada-plugin methods``.
+        title: Display name in messages and reports (``"NEAT"``); default: the config class's
+            name without ``Config``.
         needs_float_weights: Creating the adapter needs an exact floating-point weight (it
             reads or merges into individual entries), so quantized bases are refused (except the
             kinds listed in ``quantized_layers``).
@@ -92,6 +94,7 @@ class MethodSpec:
     tuner: str
     checkpoint_rule: str | None = None
     summary: str = ""
+    title: str = ""
     needs_float_weights: bool = True
     reads_weights_when_created: bool = True
     reads_weights_in_forward: bool = False

@@ -63,6 +63,7 @@ def test_neuroada_flags_come_from_its_config():
         assert flag.default == source.default, name  # e.g. theta_dtype None passes through as None
         assert flag.metadata["help"] == source.metadata["help"].replace("%", "%%")
     assert method_title("neuroada") == "NeuroAda"
+    assert method_title("neat") == "NEAT"  # the spec's title wins over the class name (NeatConfig)
 
 
 def test_neuroada_flags_parse_into_its_config():

@@ -117,7 +117,7 @@ def test_grpo_example_script_with_method_neat(tiny_llama_dir, tmp_path, capsys, 
         argv += [f"--neat_{key}", str(value)]
     trainer = _run_example("grpo", "GRPOTrainer", argv, monkeypatch)
     printed = capsys.readouterr().out
-    assert "==== GRPO + Neat summary ====" in printed, printed[-2000:]
+    assert "==== GRPO + NEAT summary ====" in printed, printed[-2000:]
     assert f"adapter saved to: {out.resolve()}" in printed
     # Every projection of both layers: A [r, out] + B [out, r], plus depth pairs of [r, r] encoder/decoder.
     r, depth = flags["r"], flags["depth"]

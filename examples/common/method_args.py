@@ -37,9 +37,9 @@ _SCALARS = (bool, int, float, str)
 
 
 def method_title(method: str | MethodSpec) -> str:
-    """The method's display name: its config class without ``Config`` (``NeuroAdaConfig`` -> ``NeuroAda``)."""
+    """The method's display name: the spec's ``title``, else its config class without ``Config`` (``NeuroAda``)."""
     spec = get_method(method) if isinstance(method, str) else method
-    return spec.config_class().__name__.removesuffix("Config") or spec.name
+    return spec.title or spec.config_class().__name__.removesuffix("Config") or spec.name
 
 
 def exposed_fields(spec: MethodSpec) -> list[dataclasses.Field]:

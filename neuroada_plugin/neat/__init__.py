@@ -17,6 +17,7 @@ __all__ = ["NeatConfig", "NeatLayer", "NeatModel"]
 register(
     MethodSpec(
         name="neat",
+        title="NEAT",
         config="neuroada_plugin.neat.config:NeatConfig",
         tuner="neuroada_plugin.neat.model:NeatModel",
         checkpoint_rule="neuroada_plugin.neat.checkpoint:neat_checkpoint_rule",
