@@ -1,4 +1,4 @@
-"""Held-out commonsense accuracy: zero-shot vs NeuroAda k=1 / k=20 vs LoRA r=8 vs full fine-tuning.
+"""Held-out commonsense accuracy: zero-shot vs NeuroAda k=1 / k=20 vs LoRA r=8 vs NEAT r=8 vs full fine-tuning.
 
 Does NeuroAda, training ~0.1% of the weights (k=1), match LoRA r=8 and full fine-tuning on the
 same budget? Every method trains SmolLM2-135M-Instruct on PIQA (``--sources``: any commonsense
@@ -32,14 +32,14 @@ and scoring are reported separately); with 2 threads on 2 cores, other load slow
 lot, so time it on a quiet machine. Trainable parameters are counted on the trained model.
 Device and dtype come from the trainer and ``--dtype`` (default: the TRL examples' default).
 
-Budget: 1 zero-shot + 4 methods x (3 grid + 2 more seeds) = 21 runs; on 2 quiet CPU cores about
-an hour (an estimate is printed first, and every run prints a line with an ETA). Every finished
+Budget: 1 zero-shot + 5 methods x (3 grid + 2 more seeds) = 26 runs; on 2 quiet CPU cores about
+1.3 hours (an estimate is printed first, and every run prints a line with an ETA). Every finished
 run is appended to ``<stem>-runs.jsonl`` in the output folder and skipped when the same command
 runs again, so an interrupted run resumes where it stopped; the report is rebuilt from that file.
 
 Usage::
 
-    .venv/bin/python benchmarks/accuracy.py            # full run (~1 h on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py            # full run (~1.3 h on 2 cores)
     .venv/bin/python benchmarks/accuracy.py --quick    # smoke run: tiny random Llama, 2 steps (< 1 min)
 
 Results: ``benchmarks/results/<stem>.{json,md,png}`` with ``stem`` = ``accuracy-<sources>``

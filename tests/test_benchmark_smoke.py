@@ -97,9 +97,9 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
         assert key in payload, key
     assert payload["machine"]["torch"] and payload["git"]["commit"]
     assert not payload["failures"]
-    assert payload["runs_executed"] == len(payload["runs"]) == 5 and payload["runs_cached"] == 0
+    assert payload["runs_executed"] == len(payload["runs"]) == 6 and payload["runs_cached"] == 0
     summary = payload["summary"]
-    assert list(summary) == ["zero_shot", "neuroada_k1", "neuroada_k20", "lora_r8", "full_ft"]
+    assert list(summary) == ["zero_shot", "neuroada_k1", "neuroada_k20", "lora_r8", "full_ft", "neat_r8"]
 
     shapes = _projection_shapes(payload["model_config"])
     expected = {
@@ -107,6 +107,7 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
         "neuroada_k1": sum(out for _, out in shapes),
         "neuroada_k20": sum(out * min(20, in_) for in_, out in shapes),
         "lora_r8": sum(8 * (in_ + out) for in_, out in shapes),
+        "neat_r8": sum(2 * 8 * out for _, out in shapes),  # A [r, out] + B [out, r]
     }
     base_total = summary["zero_shot"]["total_params"]
     for name, row in summary.items():
@@ -125,14 +126,14 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
             assert row["trainable_params"] == expected[name], name
             assert row["total_params"] == base_total + expected[name], name
     trained_runs = [run for run in payload["runs"] if run["method"] != "zero_shot"]
-    assert len(trained_runs) == 4 and all(
+    assert len(trained_runs) == 5 and all(
         run["steps_done"] == payload["settings"]["steps"] == 2 for run in trained_runs
     )
     assert payload["verdict"]["available"]
 
     # Same command again: every run comes from the JSONL cache, same numbers.
     again = _run_accuracy_quick(tmp_path)
-    assert again["runs_executed"] == 0 and again["runs_cached"] == 5
+    assert again["runs_executed"] == 0 and again["runs_cached"] == 6
     assert {n: r["heldout_mean"] for n, r in again["summary"].items()} == {
         n: r["heldout_mean"] for n, r in summary.items()
     }
