@@ -195,7 +195,7 @@ def peft_config(method: Method, model: Any) -> Any:
     from peft import LoraConfig
 
     from neuroada_plugin import NeatConfig, NeuroAdaConfig
-    from neuroada_plugin.neuroada.config import DEFAULT_TARGET_MODULES
+    from neuroada_plugin.config_base import DEFAULT_TARGET_MODULES
 
     targets = DEFAULT_TARGET_MODULES[model.config.model_type]
     if method.kind == "neuroada":

@@ -129,13 +129,17 @@ def train_questions() -> list[commonsense.MCQuestion]:
     return commonsense.make_splits(commonsense.load_questions("csqa")).train[:TRAIN_ROWS]
 
 
+def write_data_files(folder: Path, questions: list[commonsense.MCQuestion]) -> dict[str, Path]:
+    """SFT conversations (``{"messages"}``) and constructed DPO pairs of the same questions, under ``folder``."""
+    paths = commonsense.export_jsonl(questions, folder, "train")
+    conversations = [{"messages": row["prompt"] + row["completion"]} for row in commonsense.sft_rows(questions)]
+    paths["messages"] = commonsense.write_jsonl(conversations, folder / "train.messages.jsonl")
+    return paths
+
+
 @pytest.fixture(scope="module")
 def data_files(workdir, train_questions) -> dict[str, Path]:
-    """SFT conversations (``{"messages"}``) and constructed DPO pairs of the same questions."""
-    paths = commonsense.export_jsonl(train_questions, workdir / "data", "train")
-    conversations = [{"messages": row["prompt"] + row["completion"]} for row in commonsense.sft_rows(train_questions)]
-    paths["messages"] = commonsense.write_jsonl(conversations, workdir / "data" / "train.messages.jsonl")
-    return paths
+    return write_data_files(workdir / "data", train_questions)
 
 
 @pytest.fixture(scope="module")

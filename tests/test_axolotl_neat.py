@@ -36,6 +36,7 @@ from test_axolotl import (
     _run,
     _tail,
     _write_config,
+    write_data_files,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,11 +83,7 @@ def train_questions() -> list[commonsense.MCQuestion]:
 
 @pytest.fixture(scope="module")
 def data_files(workdir, train_questions) -> dict[str, Path]:
-    """SFT conversations (``{"messages"}``) and DPO pairs of the same questions."""
-    paths = commonsense.export_jsonl(train_questions, workdir / "data", "train")
-    conversations = [{"messages": row["prompt"] + row["completion"]} for row in commonsense.sft_rows(train_questions)]
-    paths["messages"] = commonsense.write_jsonl(conversations, workdir / "data" / "train.messages.jsonl")
-    return paths
+    return write_data_files(workdir / "data", train_questions)
 
 
 @pytest.fixture(scope="module")

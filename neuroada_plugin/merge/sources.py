@@ -23,6 +23,7 @@ __all__ = [
     "ADAPTER_CONFIG",
     "SAFE_INDEX",
     "SAFE_SINGLE",
+    "TOKENIZER_FILE",
     "AdapterCheckpoint",
     "BaseCheckpoint",
     "load_adapter",
@@ -39,7 +40,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MERGE_INFO = "merge_info.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
-_TOKENIZER_FILE = re.compile(
+# Tokenizer and chat-template files (what TRL saves next to an adapter), by name.
+TOKENIZER_FILE = re.compile(
     r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt"
     r"|spiece\.model|sentencepiece.*\.model)"
 )
@@ -244,12 +246,12 @@ def support_files(base: Path, adapter: Path, tokenizer: str) -> tuple[dict[str, 
         and not p.name.startswith("adapter_")
     }
     source = "base"
-    adapter_tokenizer = {p.name: p for p in regular(adapter) if _TOKENIZER_FILE.fullmatch(p.name)}
+    adapter_tokenizer = {p.name: p for p in regular(adapter) if TOKENIZER_FILE.fullmatch(p.name)}
     has_adapter_tokenizer = "tokenizer_config.json" in adapter_tokenizer
     if tokenizer == "adapter" and not has_adapter_tokenizer:
         raise CheckpointFileError(f"--tokenizer adapter: adapter folder {adapter} has no tokenizer_config.json.")
     if tokenizer == "adapter" or (tokenizer == "auto" and has_adapter_tokenizer):
-        for name in [n for n in files if _TOKENIZER_FILE.fullmatch(n)]:
+        for name in [n for n in files if TOKENIZER_FILE.fullmatch(n)]:
             del files[name]
         files.update(adapter_tokenizer)
         source = "adapter"

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InsufficientSpaceError, OutputExistsError
+from .errors import InsufficientSpaceError
 from .plan import plan_merge
 from .rules import method_for_adapter
 from .sources import MERGE_INFO, SAFE_INDEX, load_adapter, resolve_folder, scan_base_checkpoint, support_files
-from .writer import clean_stale, fsync_tree, install, new_staging_folder, write_shards
+from .writer import prepare_output, staged_output, write_shards
 
 __all__ = ["MergeReport", "merge_adapter_checkpoint"]
 
@@ -99,16 +99,9 @@ def merge_adapter_checkpoint(
     if tokenizer not in ("auto", "base", "adapter"):
         raise ValueError(f"tokenizer must be 'auto', 'base' or 'adapter', got {tokenizer!r}.")
     started = time.perf_counter()
-    output = Path(output).expanduser().absolute()
     base_dir = resolve_folder(base, "Base model")
     adapter_dir = resolve_folder(adapter, "Adapter")
-    for what, path in (("base model", base_dir), ("adapter", adapter_dir)):
-        resolved = output.resolve()
-        if resolved == path or resolved in path.parents:
-            raise ValueError(f"Output folder {output} is (or contains) the {what} folder {path}; choose another.")
-    clean_stale(output, say)
-    if output.exists() and not force:
-        raise OutputExistsError(f"Output folder {output} already exists; pass --force (force=True) to replace it.")
+    output = prepare_output(output, {"base model": base_dir, "adapter": adapter_dir}, force, say)
 
     # ---- validate everything before writing anything
     base_ckpt = scan_base_checkpoint(base_dir)
@@ -135,8 +128,7 @@ def merge_adapter_checkpoint(
     )
 
     # ---- write into a staging folder, then rename
-    staging = new_staging_folder(output)
-    try:
+    with staged_output(output, force, say) as staging:
         written = _write(base_ckpt, plan, staging, progress)
         if base_ckpt.index_file is not None:
             shutil.copyfile(base_ckpt.index_file, staging / SAFE_INDEX)
@@ -155,24 +147,11 @@ def merge_adapter_checkpoint(
             exact_merge=spec.exact_merge,
             **_quantization_facts(base_dir, adapter_dir),
         )
-        fsync_tree(staging)
         verification = None
         if verify:  # on the staging folder: a failed check leaves no output behind
             from .verify import verify_merge
 
             verification = verify_merge(base_dir, adapter_dir, staging, log=say)
-        install(staging, output, force, say)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
-            raise InsufficientSpaceError(
-                errno.ENOSPC,
-                f"Disk full while writing the merged checkpoint into {output.parent}; partial output removed.",
-            ) from error
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
     return MergeReport(
         output=output,

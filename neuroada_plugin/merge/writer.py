@@ -9,22 +9,32 @@ same output (:func:`clean_stale`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointFileError, OutputExistsError
+from .errors import CheckpointFileError, InsufficientSpaceError, OutputExistsError
 from .rules import TensorPatch
 from .safetensors_io import read_tensor, tensor_bytes
 from .sources import BaseCheckpoint
 
-__all__ = ["clean_stale", "fsync_tree", "install", "new_staging_folder", "staging_prefix", "write_shards"]
+__all__ = [
+    "clean_stale",
+    "fsync_tree",
+    "install",
+    "new_staging_folder",
+    "prepare_output",
+    "staged_output",
+    "staging_prefix",
+    "write_shards",
+]
 
 _COPY_CHUNK = 16 * 1024 * 1024
 # Largest single write(): 1 MiB slices write a patched tensor several times faster than one call
@@ -209,3 +219,42 @@ def install(staging: Path, output: Path, force: bool, log: Log) -> None:
     _fsync_dir(output.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def prepare_output(output: str | os.PathLike, inputs: Mapping[str, Path], force: bool, log: Log) -> Path:
+    """Absolute ``output`` after the checks every writer makes before reading anything large.
+
+    Refused: an output that is (or contains) one of ``inputs`` (what -> folder), and an existing
+    output without ``force``. Folders left next to it by an interrupted run are removed.
+    """
+    output = Path(output).expanduser().absolute()
+    resolved = output.resolve()
+    for what, path in inputs.items():
+        if resolved == path or resolved in path.parents:
+            raise ValueError(f"Output folder {output} is (or contains) the {what} folder {path}; choose another.")
+    clean_stale(output, log)
+    if output.exists() and not force:
+        raise OutputExistsError(f"Output folder {output} already exists; pass --force (force=True) to replace it.")
+    return output
+
+
+@contextlib.contextmanager
+def staged_output(output: Path, force: bool, log: Log) -> Iterator[Path]:
+    """A hidden staging folder next to ``output``; when the block completes it is fsynced and renamed to
+    ``output``. On any error, Ctrl-C or a full disk it is removed, so nothing partial is ever left."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = new_staging_folder(output)
+    try:
+        yield staging
+        fsync_tree(staging)
+        install(staging, output, force, log)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise InsufficientSpaceError(
+                errno.ENOSPC, f"Disk full while writing {output.name} into {output.parent}; partial output removed."
+            ) from error
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

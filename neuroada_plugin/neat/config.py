@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
-
+from ..config_base import MethodConfig
 from .functional import ACTIVATIONS
 
 
 @dataclass
-class NeatConfig(PeftConfig):
+class NeatConfig(MethodConfig):
     """NEAT (Zhong et al., arXiv 2410.01870; PEFT's ``PeanutConfig``): ``dW = s * B @ act(A @ W0)``.
 
     Each targeted ``nn.Linear`` (weight ``W0: [out, in]``) learns a small network of its own
@@ -19,6 +18,8 @@ class NeatConfig(PeftConfig):
     forward pass computes ``act(A @ W0)`` (``[r, in]``) once and never builds the dense update.
     Option names follow PEFT's PEANuT, so a ``PeanutConfig`` translates field by field.
     """
+
+    method_name = "neat"
 
     r: int = field(
         default=8, metadata={"help": "NEAT rank: hidden size of the weight network (rank of dW <= r).", "ge": 1}
@@ -55,17 +56,6 @@ class NeatConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from ..peft_registration import ensure_registered
-
-        self.peft_type = ensure_registered("neat")
-        self._validate()
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
 
     def _validate(self) -> None:
         for name in ("r", "depth"):

@@ -29,12 +29,13 @@ from ..merge.safetensors_io import read_tensor
 from ..merge.sources import (
     ADAPTER_CONFIG,
     PEFT_PREFIX,
+    TOKENIZER_FILE,
     AdapterCheckpoint,
     load_adapter,
     resolve_folder,
     scan_base_checkpoint,
 )
-from ..merge.writer import clean_stale, fsync_tree, install, new_staging_folder
+from ..merge.writer import prepare_output, staged_output
 from .checkpoint import NeatModuleTensors, check_base_weight, read_neat_module
 from .functional import weight_features
 
@@ -49,16 +50,6 @@ __all__ = [
 
 LORA_WEIGHTS = "adapter_model.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 
 Log = Callable[[str], None]
 
@@ -212,22 +203,13 @@ def export_lora_checkpoint(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from ..merge.errors import OutputExistsError
-
     say: Log = log or (lambda message: None)
     started = time.perf_counter()
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or None for the adapter's), got {dtype!r}.")
-    output = Path(output).expanduser().absolute()
     base_dir = resolve_folder(base, "Base model")
     adapter_dir = resolve_folder(adapter, "Adapter")
-    for what, path in (("base model", base_dir), ("adapter", adapter_dir)):
-        resolved = output.resolve()
-        if resolved == path or resolved in path.parents:
-            raise ValueError(f"Output folder {output} is (or contains) the {what} folder {path}; choose another.")
-    clean_stale(output, say)
-    if output.exists() and not force:
-        raise OutputExistsError(f"Output folder {output} already exists; pass --force (force=True) to replace it.")
+    output = prepare_output(output, {"base model": base_dir, "adapter": adapter_dir}, force, say)
 
     base_ckpt = scan_base_checkpoint(base_dir)
     neat = load_adapter(adapter_dir)
@@ -257,19 +239,12 @@ def export_lora_checkpoint(
         tensors, config = neat_to_lora_tensors(neat, base_weight, _DTYPES.get(dtype or ""), paths)
     finally:
         bar.close()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = new_staging_folder(output)
-    try:
+    with staged_output(output, force, say) as staging:
         save_file(tensors, str(staging / LORA_WEIGHTS), metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in _TOKENIZER_FILES:
-            if (adapter_dir / name).is_file():
-                shutil.copyfile(adapter_dir / name, staging / name)
-        fsync_tree(staging)
-        install(staging, output, force, say)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        for source in adapter_dir.iterdir():
+            if source.is_file() and TOKENIZER_FILE.fullmatch(source.name):
+                shutil.copyfile(source, staging / source.name)
     written = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
     first = next(iter(tensors.values()))
     return LoraExportReport(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config_base import DEFAULT_TARGET_MODULES
 from ..errors import UnsupportedTargetError
-from ..neuroada.config import DEFAULT_TARGET_MODULES
 from ..tuner_base import ParameterDictTuner
 from .config import NeatConfig
 from .layer import NeatLayer

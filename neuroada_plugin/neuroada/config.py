@@ -5,52 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peft.config import PeftConfig
+from ..config_base import MethodConfig
 
 SELECTIONS = ("magnitude", "smallest", "random")
 THETA_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
-# Attention and MLP projections of the decoder architectures the paper and TRL users meet;
-# used when ``target_modules`` is left at None. Embeddings and lm_head are never defaults.
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **{
-        model_type: _LLAMA_LIKE
-        for model_type in (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "gemma3",
-            "gemma3_text",
-            "olmo",
-            "olmo2",
-            "granite",
-            "cohere",
-            "deepseek_v2",
-            "deepseek_v3",
-            "smollm3",
-            "stablelm",
-        )
-    },
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-    "bert": ["query", "key", "value", "dense"],
-    "roberta": ["query", "key", "value", "dense"],
-}
 
 
 @dataclass
-class NeuroAdaConfig(PeftConfig):
+class NeuroAdaConfig(MethodConfig):
     """Configuration for NeuroAda (Zhang et al., 2025): per-neuron top-k sparse bypass.
 
     For every output neuron (row) of each targeted ``nn.Linear`` the ``top_k`` input
@@ -83,6 +46,8 @@ class NeuroAdaConfig(PeftConfig):
         trainable_token_indices: Token ids whose embedding rows train (written by TRL when it
             adds tokens); a list, or a dict of embedding module name -> list.
     """
+
+    method_name = "neuroada"
 
     top_k: int = field(
         default=1,
@@ -122,18 +87,6 @@ class NeuroAdaConfig(PeftConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Token ids whose embedding rows are trainable (set by TRL on added tokens)."}
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from ..peft_registration import ensure_registered
-
-        # Creating a config always leaves the method registered with PEFT, whatever was imported first.
-        self.peft_type = ensure_registered("neuroada")
-        self._validate()
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
 
     def _validate(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:

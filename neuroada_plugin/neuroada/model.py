@@ -8,10 +8,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..config_base import DEFAULT_TARGET_MODULES
 from ..errors import AdapterCheckpointError, UnsupportedTargetError
 from ..tuner_base import ParameterDictTuner
 from .bnb import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind, dispatch_bnb
-from .config import DEFAULT_TARGET_MODULES, NeuroAdaConfig
+from .config import NeuroAdaConfig
 from .layer import Linear, NeuroAdaLayer
 
 

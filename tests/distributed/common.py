@@ -182,3 +182,12 @@ def assert_theta_close(actual: dict[str, torch.Tensor], reference: dict[str, tor
     relative = float((flat_actual - flat_reference).norm() / flat_reference.norm())
     assert relative < 1e-5, f"theta differs from the single-process run by {relative:.3g} (relative)"
     return relative
+
+
+def write_rank_results(out: Path, rank: int, result: dict) -> None:
+    """Each rank writes its result; rank 0 then writes ``result.json`` with both (what :func:`launch` reads)."""
+    (out / f"result_rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+    if rank == 0:
+        other = json.loads((out / "result_rank1.json").read_text())
+        (out / "result.json").write_text(json.dumps({"rank0": result, "rank1": other}))

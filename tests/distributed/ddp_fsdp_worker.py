@@ -13,7 +13,6 @@ indices) through the full-state-dict broadcast accelerate uses for FSDP2.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from neuroada_plugin.neuroada.distributed import RankDisagreementError, agree_across_ranks, check_rank_agreement
-from tests.distributed.common import LR, STEPS, indices_of, peft_config, rank_batch, theta_of
+from tests.distributed.common import LR, STEPS, indices_of, peft_config, rank_batch, theta_of, write_rank_results
 
 
 def build(base: Path, meta: bool) -> torch.nn.Module:
@@ -159,11 +158,7 @@ def main() -> None:
         del model
         dist.barrier()
 
-    (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    if rank == 0:
-        other = json.loads((args.out / "result_rank1.json").read_text())
-        (args.out / "result.json").write_text(json.dumps({"rank0": result, "rank1": other}))
+    write_rank_results(args.out, rank, result)
     dist.destroy_process_group()
 
 

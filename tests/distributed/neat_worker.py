@@ -12,7 +12,6 @@ forward and backward, which is what the FSDP modes exercise.
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tests.distributed.common import base_of, neat_config, neat_of
+from tests.distributed.common import base_of, neat_config, neat_of, write_rank_results
 from tests.distributed.ddp_fsdp_worker import shard, shard_fsdp1, train
 
 
@@ -119,11 +118,7 @@ def main() -> None:
         del model
         dist.barrier()
 
-    (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    if rank == 0:
-        other = json.loads((args.out / "result_rank1.json").read_text())
-        (args.out / "result.json").write_text(json.dumps({"rank0": result, "rank1": other}))
+    write_rank_results(args.out, rank, result)
     dist.destroy_process_group()
 
 

@@ -8,7 +8,6 @@ inside ``deepspeed.zero.Init``: every rank holds a partition of every weight whe
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from neuroada_plugin.errors import AdapterCheckpointError
 from neuroada_plugin.neuroada.distributed import check_rank_agreement, is_partitioned
-from tests.distributed.common import LR, MICRO, STEPS, indices_of, peft_config, rank_batch
+from tests.distributed.common import LR, MICRO, STEPS, indices_of, peft_config, rank_batch, write_rank_results
 
 
 def main() -> None:
@@ -160,11 +159,7 @@ def main() -> None:
     result["full_param_bytes"] = sum(
         (p.ds_numel if is_partitioned(p) else p.numel()) * p.element_size() for p in engine.module.parameters()
     )
-    (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))
-    torch.distributed.barrier()
-    if rank == 0:
-        other = json.loads((args.out / "result_rank1.json").read_text())
-        (args.out / "result.json").write_text(json.dumps({"rank0": result, "rank1": other}))
+    write_rank_results(args.out, rank, result)
     del keep_alive
 
 
