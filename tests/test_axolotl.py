@@ -179,8 +179,8 @@ def _dense_reference_state(base: dict[str, torch.Tensor], adapter: dict[str, tup
     return state
 
 
-def _model_with_state(model_dir: Path, state: dict[str, torch.Tensor]):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+def _model_with_state(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     return model.eval()
