@@ -270,8 +270,9 @@ def test_neat_merge_lora_writes_plain_checkpoint_with_adapter_logits(
         else:
             assert torch.equal(tensor, base_state[key]), key
 
-    # Logits computed in float64, so they differ only by the merged weights' float32 rounding (checked
-    # entry by entry above; ~8e-7 on these logits); float32 arithmetic would add up to ~2e-5 of its own.
+    # Logits computed in float64, so they differ only by the merged weights' float32 rounding (the merge
+    # itself is checked entry by entry above, to 1e-6): measured 8e-7 to 1.5e-5 on these logits across
+    # runs (the trained values differ), hence 1e-4 here.
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float64).eval()
     peft_model = _load_adapter(tiny_llama_dir, output_dir).eval().double()
@@ -279,8 +280,8 @@ def test_neat_merge_lora_writes_plain_checkpoint_with_adapter_logits(
     ids = _probe_ids(tokenizer, train_questions)
     with torch.no_grad():
         got, want = merged_model(input_ids=ids).logits, peft_model(input_ids=ids).logits
-        torch.testing.assert_close(got, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
