@@ -7,12 +7,20 @@ PEFT's ``BaseTuner`` assumes adapter tensors live inside ``nn.Module`` container
 ``load_adapter``) assigns ``ParameterDict[name] = tensor.to(float32)``, which wraps the tensor
 in a *new* ``Parameter`` with ``requires_grad=True``: a frozen, inactive or inference-only adapter
 would silently become trainable. :class:`ParameterDictTuner` restores every flag after the cast.
+
+It also guards the model's bitsandbytes 4-bit layers against bitsandbytes' CPU-packed layout
+(:mod:`neuroada_plugin.bnb_cpu_layout`) while the adapter is attached, targeted or not: a gradient
+through any frozen 4-bit layer reaches the adapters below it, and saving must not corrupt any.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+
+from .bnb_cpu_layout import guard_4bit_layers, unguard_4bit_layers
 
 __all__ = ["ParameterDictTuner"]
 
@@ -20,6 +28,15 @@ __all__ = ["ParameterDictTuner"]
 class ParameterDictTuner(BaseTuner):
     """``BaseTuner`` for methods whose layers keep adapter tensors in ``nn.ParameterDict`` attributes
     (named by the layer's ``adapter_layer_names``): PEFT's dtype cast keeps each tensor's ``requires_grad``."""
+
+    def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        guard_4bit_layers(model)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        unguard_4bit_layers(model)  # the plain model goes back in bitsandbytes' standard layout, unhooked
+        return model
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         flags = [

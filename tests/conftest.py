@@ -18,6 +18,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import neuroada_plugin  # noqa: E402,F401  (registers NEUROADA with PEFT)
 
+if os.environ.get("NEUROADA_TEST_NO_BNB_CPU_PACKING") == "1":
+    # Run this process as on a CPU without AVX512-BF16: bitsandbytes never packs a 4-bit weight for its
+    # CPU kernel (tests/bnb_layouts.py). Subprocesses started by tests are not affected.
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+
+    bitsandbytes.functional.has_avx512bf16 = bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:

@@ -5,6 +5,11 @@ selection == per-row top-|W|, forward == the base layer's own output + a dense b
 gradients == the dense formula and reach theta only, merge == dequantize + ``W[i, idx] += theta``
 + re-quantize, and an adapter trained on the 4-bit base merges into the full-precision original
 exactly as ``W[i, idx] += theta``. bitsandbytes 0.50 runs all of it on the CPU.
+
+Each 4-bit check runs in both layouts bitsandbytes gives a weight on the CPU (``tests/bnb_layouts.py``):
+``standard``, and ``packed`` (what an eval forward leaves on CPUs with AVX512-BF16), whose references
+are taken from the standard layout before the packing, and whose logits are compared with logits of
+the same kernel (both models evaluated without gradients).
 """
 
 from __future__ import annotations
@@ -24,9 +29,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
+from neuroada_plugin.bnb_cpu_layout import is_packed_for_cpu
 from neuroada_plugin.errors import UnsupportedTargetError
 from neuroada_plugin.neuroada.bnb import QuantizedLinear, dequantize_weight
 
+from bnb_layouts import (
+    LAYOUTS,
+    NO_PACKING_REASON,
+    PACKING_CPU,
+    dequantized_as_loaded,
+    dequantized_as_packed,
+    linear4bit_layers,
+    pack_by_eval_forward,
+    quantization_layouts,
+    use_layout,
+)
 from tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,20 +96,36 @@ def dense_delta(layer: NeuroAdaLayer, name: str = "default") -> torch.Tensor:
     return delta
 
 
-@pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
-def test_quantized_layers_select_forward_and_train_theta_only(full_precision_dir, quantization):
+@pytest.mark.parametrize(("quantization", "layout"), quantization_layouts(list(QUANTIZATIONS)))
+def test_quantized_layers_select_forward_and_train_theta_only(full_precision_dir, quantization, layout):
+    """``packed``: the model ran an eval forward before ``get_peft_model`` (bitsandbytes packed every 4-bit
+    layer), so selection must read the packed layout: the reference is what the packed layer computes with."""
     model = load_quantized(full_precision_dir, quantization)
     expected_class = LAYER_CLASS.get(quantization, bnb.nn.Linear4bit)
-    base_logits = model(TOKENS).logits.detach()
+    reference_weights = {
+        name: (dequantized_as_packed(m) if layout == "packed" else dequantized_as_loaded(m))
+        for name, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    use_layout(model, layout, TOKENS)
+    with torch.no_grad():
+        base_logits = model(TOKENS).logits
     peft_model = get_peft_model(model, NeuroAdaConfig(top_k=3))
-    # Zero init: the adapted model computes exactly what the quantized base computed.
-    assert torch.equal(peft_model(TOKENS).logits.detach(), base_logits)
+    # Zero init: the adapted model computes exactly what the quantized base computed (same kernels: no grad).
+    with torch.no_grad():
+        assert torch.equal(peft_model(TOKENS).logits, base_logits)
 
     for name, layer in neuroada_layers(peft_model).items():
         assert isinstance(layer, QuantizedLinear) and isinstance(layer.base_layer, expected_class), name
         assert (layer.out_features, layer.in_features) == (layer.base_layer.out_features, layer.base_layer.in_features)
-        # Selection == per-row top-|W| of the dequantized weight (compared by value: NF4 levels tie).
-        magnitude = dequantize_weight(layer.base_layer).float().abs()
+        # Selection == per-row top-|W| of the weight the layer computes with (compared by value: NF4 levels tie).
+        key = name.removeprefix("base_model.model.")
+        reference = reference_weights.get(key)
+        if reference is None:  # 8-bit: read by the plugin's dequantizer (no other layout exists)
+            reference = dequantize_weight(layer.base_layer)
+        else:
+            assert torch.equal(dequantize_weight(layer.base_layer), reference), name
+        magnitude = reference.float().abs()
         indices = layer.neuroada_indices["default"]
         assert indices.shape == (layer.out_features, 3)
         assert all(len(set(row.tolist())) == 3 for row in indices)
@@ -131,23 +164,35 @@ def test_quantized_layers_select_forward_and_train_theta_only(full_precision_dir
     assert all(p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if n in with_grad)
 
 
-@pytest.mark.parametrize("quantization", ["nf4-bf16-double", "fp4-fp32", "int8"])
-def test_merge_requantizes_with_a_warning_and_unmerge_restores_the_quantized_bytes(full_precision_dir, quantization):
-    peft_model = get_peft_model(load_quantized(full_precision_dir, quantization), NeuroAdaConfig(top_k=2))
+@pytest.mark.parametrize(("quantization", "layout"), quantization_layouts(["nf4-bf16-double", "fp4-fp32", "int8"]))
+def test_merge_requantizes_with_a_warning_and_unmerge_restores_the_quantized_bytes(
+    full_precision_dir, quantization, layout
+):
+    """``packed``: an eval forward after ``get_peft_model`` (an evaluation during training) packed every 4-bit layer;
+    the merge must read the weights the adapter was created on, and unmerge must bring back the packed bytes."""
+    model = load_quantized(full_precision_dir, quantization)
+    loaded = {name: dequantized_as_loaded(m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if layout == "standard":
+        use_layout(model, layout, TOKENS)
+    peft_model = get_peft_model(model, NeuroAdaConfig(top_k=2))
     layers = neuroada_layers(peft_model)
     torch.manual_seed(1)
     for layer in layers.values():
         with torch.no_grad():
             layer.neuroada_theta["default"].normal_(0, 0.1)
-    before = {
-        n: (layer.base_layer.weight.data.clone(), dequantize_weight(layer.base_layer)) for n, layer in layers.items()
-    }
-    # Independent reference: dequantize, add theta at the selected entries, quantize again with bitsandbytes.
+    if layout == "packed":
+        use_layout(peft_model, layout, TOKENS)
+    before = {n: layer.base_layer.weight.data.clone() for n, layer in layers.items()}
+    # Independent reference: the weight as loaded (bitsandbytes' own dequantization, taken before any
+    # packing), plus theta at the selected entries, quantized again with bitsandbytes.
     expected = {}
     for name, layer in layers.items():
-        dense = before[name][1].clone().float()
-        dense += dense_delta(layer)
-        dense = dense.to(before[name][1].dtype)
+        original = loaded.get(name.removeprefix("base_model.model."))
+        if original is None:  # 8-bit: one layout only
+            original = dequantize_weight(layer.base_layer)
+        else:
+            assert torch.equal(dequantize_weight(layer.base_layer), original), name
+        dense = (original.float() + dense_delta(layer)).to(original.dtype)
         if quantization == "int8":
             requantized = bnb.nn.Int8Params(dense, requires_grad=False, has_fp16_weights=False).to("cpu")
             expected[name] = bnb.functional.int8_vectorwise_dequant(requantized.data, requantized.SCB)
@@ -163,17 +208,23 @@ def test_merge_requantizes_with_a_warning_and_unmerge_restores_the_quantized_byt
             ).to("cpu")
             expected[name] = bnb.functional.dequantize_4bit(requantized.data, requantized.quant_state)
 
-    adapter_logits = peft_model(TOKENS).logits.detach()
+    with torch.no_grad():
+        adapter_logits = peft_model(TOKENS).logits
     with pytest.warns(UserWarning, match=r"re-quantized, which rounds.*neuroada-plugin merge --base"):
         peft_model.merge_adapter()
+    # (Reading the packed bytes as standard ones gave merged weights 0.1 away from these on a layer of this model.)
     for name, layer in layers.items():
         assert torch.equal(dequantize_weight(layer.base_layer), expected[name]), name
+    if layout == "packed":  # the merged weight is packed by the next eval forward, and read back the same
+        use_layout(peft_model, layout, TOKENS)
+        for name, layer in layers.items():
+            assert torch.equal(dequantize_weight(layer.base_layer), expected[name]), name
 
     peft_model.unmerge_adapter()
     for name, layer in layers.items():
-        assert torch.equal(layer.base_layer.weight.data, before[name][0]), name
-        assert torch.equal(dequantize_weight(layer.base_layer), before[name][1]), name
-    torch.testing.assert_close(peft_model(TOKENS).logits.detach(), adapter_logits, rtol=0, atol=0)
+        assert torch.equal(layer.base_layer.weight.data, before[name]), name
+    with torch.no_grad():
+        assert torch.equal(peft_model(TOKENS).logits, adapter_logits)
 
     with pytest.warns(UserWarning, match="rounds"):
         unloaded = peft_model.merge_and_unload()
@@ -181,6 +232,39 @@ def test_merge_requantizes_with_a_warning_and_unmerge_restores_the_quantized_byt
         if name in {n.removeprefix("base_model.model.") for n in layers}:
             assert type(module) is LAYER_CLASS.get(quantization, bnb.nn.Linear4bit)
             assert torch.equal(dequantize_weight(module), expected["base_model.model." + name]), name
+    # The plain model goes back unhooked, in bitsandbytes' standard layout.
+    for module in linear4bit_layers(unloaded):
+        assert not module._forward_pre_hooks and not module._state_dict_pre_hooks
+        assert not is_packed_for_cpu(module.weight)
+
+
+@pytest.mark.skipif(not PACKING_CPU, reason=NO_PACKING_REASON)
+@pytest.mark.parametrize("quantization", ["nf4-fp32", "nf4-bf16-double"])
+def test_training_after_an_eval_forward_gets_the_gradients_of_the_weights_as_loaded(full_precision_dir, quantization):
+    """An evaluation packs every 4-bit layer (also those without an adapter); bitsandbytes' packed kernel then
+    returns no gradient for its input, so without the plugin's guard every theta below the top layer would get
+    a gradient that misses the paths through the frozen 4-bit matmuls. With it, training resumes exactly."""
+    model = load_quantized(full_precision_dir, quantization)
+    config = NeuroAdaConfig(top_k=2, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)  # o/k/gate/up stay plain 4-bit layers: guarded too
+    peft_model.train()
+
+    def loss_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        peft_model.zero_grad()
+        loss = peft_model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    loss, gradients = loss_and_gradients()
+    layers = linear4bit_layers(peft_model)
+    assert len(layers) == 14 and not any(is_packed_for_cpu(layer.weight) for layer in layers)
+    pack_by_eval_forward(peft_model, TOKENS)
+    loss_after_eval, gradients_after_eval = loss_and_gradients()
+    assert not any(is_packed_for_cpu(layer.weight) for layer in layers)
+    assert torch.equal(loss_after_eval, loss)
+    assert len(gradients) == 6 and all(g.abs().sum() > 0 for g in gradients.values())
+    for name, gradient in gradients.items():
+        assert torch.equal(gradients_after_eval[name], gradient), name
 
 
 _FRESH_LOAD = textwrap.dedent(
@@ -197,6 +281,10 @@ _FRESH_LOAD = textwrap.dedent(
         base = AutoModelForCausalLM.from_pretrained(
             base_dir, quantization_config=BitsAndBytesConfig(**settings), device_map="cpu"
         )
+    if sys.argv[5] == "standard":  # as tests/bnb_layouts.py: bitsandbytes never packs for its CPU kernel
+        for module in base.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     model = PeftModel.from_pretrained(base, adapter_dir)  # no import of neuroada_plugin: the start-up hook
     tokens = torch.tensor([[5, 17, 99, 1024, 7, 3, 250, 48000], [1, 2, 3, 4, 5, 6, 7, 8]])
     with torch.no_grad():
@@ -207,16 +295,40 @@ _FRESH_LOAD = textwrap.dedent(
 )
 
 
-def test_adapter_trained_on_4bit_saves_and_loads_in_a_fresh_process(full_precision_dir, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_adapter_trained_on_4bit_saves_and_loads_in_a_fresh_process(full_precision_dir, tmp_path, layout):
+    """``packed``: the layers were packed by an eval forward before training (as by an evaluation during a run):
+    training restores the layout bitsandbytes trains in, and the base weights stay exactly as loaded."""
     settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-    peft_model = get_peft_model(load_quantized(full_precision_dir, "nf4-fp32"), NeuroAdaConfig(top_k=2))
+    model = load_quantized(full_precision_dir, "nf4-fp32")
+    loaded = {
+        name: (p.data.clone(), p.quant_state.absmax.clone())
+        for name, p in model.named_parameters()
+        if p.dtype == torch.uint8
+    }
+    if layout == "standard":
+        use_layout(model, layout, TOKENS)
+    peft_model = get_peft_model(model, NeuroAdaConfig(top_k=2))
+    if layout == "packed":
+        use_layout(peft_model, layout, TOKENS)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
     for _ in range(3):
-        peft_model(TOKENS, labels=TOKENS).loss.backward()
+        loss = peft_model(TOKENS, labels=TOKENS).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
     peft_model.save_pretrained(tmp_path / "adapter")
-    expected = peft_model(TOKENS).logits.detach()
+    for name, param in peft_model.base_model.model.named_parameters():
+        if param.dtype == torch.uint8:  # every 4-bit weight: its codes and block scales exactly as loaded
+            assert not is_packed_for_cpu(param), name  # training and saving use the standard layout
+            data, absmax = loaded[name.replace(".base_layer", "")]
+            assert torch.equal(param.data, data) and torch.equal(param.quant_state.absmax, absmax), name
+    peft_model.eval()  # inference, as in the fresh process below (where the CPU packs, both pack here)
+    with torch.no_grad():
+        expected = peft_model(TOKENS).logits
 
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert len(saved) == 28 and not any("base_layer" in key or "weight" in key for key in saved)
@@ -234,6 +346,7 @@ def test_adapter_trained_on_4bit_saves_and_loads_in_a_fresh_process(full_precisi
             str(tmp_path / "adapter"),
             str(out),
             json.dumps(settings),
+            layout,
         ],
         check=True,
         cwd=ROOT,
@@ -242,7 +355,7 @@ def test_adapter_trained_on_4bit_saves_and_loads_in_a_fresh_process(full_precisi
     fresh = torch.load(out)
     assert fresh["kind"] == "Linear4bit"
     assert torch.equal(fresh["indices"], layer.neuroada_indices["default"])
-    torch.testing.assert_close(fresh["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fresh["logits"], expected)
 
 
 def test_merge_cli_into_the_full_precision_original_equals_w_plus_theta(full_precision_dir, tmp_path):
@@ -339,22 +452,29 @@ def test_other_quantization_schemes_are_refused_naming_what_is_supported():
     assert not any(isinstance(m, NeuroAdaLayer) for m in model.modules())
 
 
-@pytest.mark.parametrize("quantization", ["nf4-bf16-double", "int8"])
+@pytest.mark.parametrize(("quantization", "layout"), quantization_layouts(["nf4-bf16-double", "int8"]))
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 def test_saved_adapter_reloads_onto_the_quantized_base_exactly(
-    full_precision_dir, tmp_path, quantization, low_cpu_mem_usage
+    full_precision_dir, tmp_path, quantization, layout, low_cpu_mem_usage
 ):
-    peft_model = get_peft_model(
-        load_quantized(full_precision_dir, quantization), NeuroAdaConfig(top_k=2, init_weights=False)
-    )
+    """``packed``: saved after an eval forward packed the base; both models are compared packed, as users run them."""
+    model = load_quantized(full_precision_dir, quantization)
+    if layout == "standard":
+        use_layout(model, layout, TOKENS)
+    peft_model = get_peft_model(model, NeuroAdaConfig(top_k=2, init_weights=False))
+    if layout == "packed":
+        use_layout(peft_model, layout, TOKENS)
     peft_model.save_pretrained(tmp_path / "adapter")
-    expected = peft_model(TOKENS).logits.detach()
-    loaded = PeftModel.from_pretrained(
-        load_quantized(full_precision_dir, quantization), tmp_path / "adapter", low_cpu_mem_usage=low_cpu_mem_usage
-    )
+    with torch.no_grad():
+        expected = peft_model(TOKENS).logits
+    base = load_quantized(full_precision_dir, quantization)
+    if layout == "standard":
+        use_layout(base, layout, TOKENS)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter", low_cpu_mem_usage=low_cpu_mem_usage)
     layers, saved_layers = neuroada_layers(loaded), neuroada_layers(peft_model)
     for name, layer in layers.items():
         assert type(layer) is type(saved_layers[name])
         assert torch.equal(layer.neuroada_indices["default"], saved_layers[name].neuroada_indices["default"]), name
         assert torch.equal(layer.neuroada_theta["default"], saved_layers[name].neuroada_theta["default"]), name
-    assert torch.equal(loaded(TOKENS).logits.detach(), expected)
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS).logits, expected)

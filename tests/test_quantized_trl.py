@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from datasets import Dataset
@@ -21,8 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
+from neuroada_plugin.bnb_cpu_layout import is_packed_for_cpu, standard_4bit_state
 from neuroada_plugin.neuroada.bnb import Linear4bit, dequantize_weight
 
+from bnb_layouts import LAYOUTS, keep_standard_layout, linear4bit_layers, standard_bytes
 from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,10 +48,22 @@ def _batch_loss(model, batch) -> torch.Tensor:
     return model(**batch).loss
 
 
-def test_sft_trains_neuroada_on_a_4bit_base_with_gradient_checkpointing(tiny_llama_dir, tmp_path):
+def _block_scales(param: torch.Tensor) -> torch.Tensor | None:
+    """The block scales of a 4-bit weight in the standard layout (double-quantized: their 8-bit codes)."""
+    if not isinstance(param, bnb.nn.Params4bit):
+        return None
+    return standard_4bit_state(param)[1].absmax.clone()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sft_trains_neuroada_on_a_4bit_base_with_gradient_checkpointing(tiny_llama_dir, tmp_path, layout):
+    """``packed``: the eval forward that measures the loss before training packs every 4-bit layer (on CPUs with
+    AVX512-BF16), and training must then run on the weights as loaded, with gradients through every layer."""
     model = _load_4bit(tiny_llama_dir)
+    if layout == "standard":
+        keep_standard_layout(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen_before = {n: (standard_bytes(p).clone(), _block_scales(p)) for n, p in model.named_parameters()}
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     rows = cs.sft_rows(cs.make_splits(cs.load_source("csqa")).train[:2])
     args = SFTConfig(
@@ -109,6 +124,8 @@ def test_sft_trains_neuroada_on_a_4bit_base_with_gradient_checkpointing(tiny_lla
     peft_model.eval()
     with torch.no_grad():
         loss_before = _batch_loss(peft_model, batch).item()
+    packed = [is_packed_for_cpu(m.weight) for m in linear4bit_layers(peft_model)]
+    assert len(packed) == 14 and all(p == (layout == "packed") for p in packed)
     trainer.train()
     peft_model.eval()
     with torch.no_grad():
@@ -116,14 +133,18 @@ def test_sft_trains_neuroada_on_a_4bit_base_with_gradient_checkpointing(tiny_lla
     print(f"4-bit SFT loss on the training batch: {loss_before:.4f} -> {loss_after:.4f}")
     assert loss_after < loss_before - 0.05, (loss_before, loss_after)
 
-    # Only theta moved; the packed 4-bit bytes and every other weight are exactly as loaded.
+    # Only theta moved; the 4-bit codes and block scales (read in the standard layout: the eval forward above
+    # packed them again where the CPU does) and every other weight are exactly as loaded.
     for name, param in peft_model.named_parameters():
         if "neuroada_theta" in name:
             assert param.requires_grad and torch.count_nonzero(param) > 0.9 * param.numel(), name
             continue
         key = name.removeprefix("base_model.model.").replace(".base_layer", "")
         assert not param.requires_grad, name
-        assert torch.equal(param.detach(), frozen_before[key]), name
+        codes, scales = frozen_before[key]
+        assert torch.equal(standard_bytes(param), codes), name
+        if scales is not None:
+            assert torch.equal(_block_scales(param), scales), name
 
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

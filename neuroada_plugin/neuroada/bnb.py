@@ -14,6 +14,9 @@ the weight:
   until then). For an exact merged checkpoint, merge into the full-precision original with
   ``neuroada-plugin merge --base <original> --adapter <adapter>``.
 
+On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward; every
+read here goes through :mod:`neuroada_plugin.bnb_cpu_layout`, which reads both layouts.
+
 bitsandbytes is imported only when a model already holds bitsandbytes layers (it is then in
 ``sys.modules``); importing this module costs nothing beyond the layer module.
 """
@@ -30,6 +33,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..bnb_cpu_layout import standard_4bit_state
 from .config import NeuroAdaConfig
 from .layer import Linear, NeuroAdaLayer
 from .validation import merge_values, put_entries_
@@ -77,7 +81,8 @@ def _int8_scales(layer: nn.Module) -> torch.Tensor | None:
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The ``[out, in]`` floating-point weight a bitsandbytes layer computes with (a new tensor).
 
-    4-bit: ``dequantize_4bit`` (in the dtype the weight had when it was quantized). 8-bit:
+    4-bit: ``dequantize_4bit`` (in the dtype the weight had when it was quantized), of the standard
+    layout also when bitsandbytes has packed the weight for its CPU kernel. 8-bit:
     ``int8 * SCB / 127`` per row, in float32; a ``Linear8bitLt`` that keeps fp16 weights
     (``has_fp16_weights=True``) returns a copy of them.
     """
@@ -88,7 +93,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     if kind == "bnb_4bit":
         if weight.quant_state is None:  # not quantized yet (e.g. still on the meta device / before .to())
             return weight.data.clone()
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        return bnb.functional.dequantize_4bit(*standard_4bit_state(weight))
     if kind == "bnb_8bit":
         if weight.dtype.is_floating_point:
             return weight.data.clone()
@@ -230,7 +235,9 @@ class Linear4bit(QuantizedLinear):
         base.weight = bnb.nn.Params4bit(dense.to("cpu"), **settings).to(weight.device)
 
     def _restore_quantized(self, state: Any) -> None:
-        self.get_base_layer().weight = state
+        base = self.get_base_layer()
+        base.weight = state
+        base.quant_state = state.quant_state
 
 
 class Linear8bitLt(QuantizedLinear):
