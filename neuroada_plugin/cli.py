@@ -66,11 +66,14 @@ exit codes: 0 ok, 1 --verify failed, 2 bad input (nothing written), 3 output exi
 
 _VERIFY_DESCRIPTION = """\
 Check a merged checkpoint against the base model and the adapter it came from (loads the whole model
-with PEFT and Transformers): (1) every tensor equals PEFT's in-memory merge_and_unload() bit for bit;
-(2) float32 logits of the merged model match the unmerged adapter (judged for a float32 checkpoint,
-reported otherwise). `merge --verify` runs the same checks before putting its output in place.
+with PEFT and Transformers). The inputs are validated as `merge` validates them. Then (1) every tensor
+equals PEFT's in-memory merge_and_unload() bit for bit, done in the dtype the merged checkpoint is
+stored in (a float16 merge of a bfloat16 base is compared with a float16 merge) and with the adapter's
+vocabulary when it added tokens; missing, extra, reshaped, re-typed and changed tensors are reported
+apart; (2) float32 logits of the merged model match the unmerged adapter (judged for a float32
+checkpoint, reported otherwise). `merge --verify` runs the same checks before putting its output in place.
 
-exit codes: 0 match, 1 mismatch, 2 bad input
+exit codes: 0 match, 1 mismatch, 2 bad input (unreadable or missing files, an adapter for another model)
 """
 
 
@@ -251,8 +254,8 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .errors import AdapterCheckpointError
-    from .merge.errors import CheckpointFileError
+    from .errors import AdapterCheckpointError, MergeError
+    from .merge.errors import CheckpointFileError, UnsupportedAdapterError
     from .merge.sources import resolve_folder
     from .merge.verify import VerificationError, verify_merge
 
@@ -265,7 +268,14 @@ def _run_verify(args: argparse.Namespace) -> int:
         result = verify_merge(base, adapter, merged, log=log)
     except VerificationError as error:
         return fail(prog, error, 1)
-    except (AdapterCheckpointError, CheckpointFileError, ValueError, OSError) as error:
+    except (
+        AdapterCheckpointError,
+        CheckpointFileError,
+        UnsupportedAdapterError,
+        MergeError,
+        ValueError,
+        OSError,
+    ) as error:
         return fail(prog, error, 2)
     print(f"verified {merged}: {result['summary']}")
     return 0

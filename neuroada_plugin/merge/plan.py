@@ -3,9 +3,9 @@
 :func:`plan_merge` finds the adapter's method in the registry, groups the adapter's tensors by
 module (``<module>.<prefix><param>`` and ``<module>.<prefix><param>.<adapter name>``), refuses a
 file holding several adapters, asks the method's rule for each module's patches, adds the full
-copies PEFT saves (``modules_to_save``, ``base_layer`` weights), redirects patches of a tied output
-embedding the checkpoint does not store, runs every patch's check, and fails on any adapter
-tensor nobody explained.
+copies PEFT saves (``modules_to_save``, ``base_layer`` weights, embedding layers saved whole, also
+with a resized vocabulary), redirects patches of a tied output embedding the checkpoint does not
+store, runs every patch's check, and fails on any adapter tensor nobody explained.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import dataclasses
 import re
 from collections.abc import Callable
 
+import torch
+
 from ..errors import AdapterCheckpointError
 from ..registry import MethodSpec
 from .rules import AdapterModule, TensorPatch, get_checkpoint_rule, method_for_adapter
 from .sources import ADAPTER_CONFIG, AdapterCheckpoint, BaseCheckpoint
 
-__all__ = ["group_by_module", "plan_merge"]
+__all__ = ["group_by_module", "plan_merge", "tied_embeddings", "vocabulary_resize"]
 
 _OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 _INPUT_EMBEDDING_SUFFIXES = (
@@ -93,12 +95,13 @@ def plan_merge(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> dict[str, li
     # Full copies come first: PEFT saves the base weight of an adapted embedding-like layer
     # (e.g. a tied lm_head) as "<module>.base_layer.weight", and loading restores it before
     # the adapter acts; modules_to_save replace a whole module.
-    patches = _full_copy_patches(adapter, base, used) + method_patches
+    full_copies = _full_copy_patches(adapter, base, used)
+    patches = full_copies + method_patches
     used |= {key for patch in patches for key in patch.sources}
     _refuse_unused(adapter, spec, sorted(set(adapter.tensors) - used))
 
     plan: dict[str, list[TensorPatch]] = {}
-    tied = _tied_embeddings(base)
+    tied = tied_embeddings(base)
     for patch in patches:
         targets = [patch.target]
         if patch.target in tied:
@@ -113,6 +116,7 @@ def plan_merge(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> dict[str, li
         for target in targets:
             patch.check(base.tensors[target])
             plan.setdefault(target, []).append(patch)
+    _check_full_copies(adapter, base, plan, full_copies)
     return plan
 
 
@@ -136,35 +140,114 @@ def _full_copy(value) -> Callable:
     return lambda old: value.to(old.dtype).clone()
 
 
+def _is_embedding(name: str) -> bool:
+    """An input or output embedding (rows = the vocabulary), by the names Transformers models use."""
+    return name.endswith(_INPUT_EMBEDDING_SUFFIXES) or any(
+        name == output or name.endswith(f".{output}") for output in _OUTPUT_EMBEDDINGS
+    )
+
+
 def _full_copy_patches(adapter: AdapterCheckpoint, base: BaseCheckpoint, used: set[str]) -> list[TensorPatch]:
-    """Patches that overwrite a whole base tensor: ``modules_to_save`` entries and saved ``base_layer`` weights."""
+    """Patches that overwrite a whole base tensor: ``modules_to_save`` entries, saved ``base_layer`` weights and
+    embedding layers saved whole (PEFT's ``save_embedding_layers``, e.g. after new tokens were added).
+
+    An embedding may have more or fewer rows than the base's (a resized vocabulary); any other shape
+    difference means the adapter belongs to another model.
+    """
     modules = adapter.config.get("modules_to_save") or []
-    tied = _tied_embeddings(base)
+    tied = tied_embeddings(base)
     patches = []
     for key, value in adapter.tensors.items():
         if key in used:
             continue
         match = re.fullmatch(r"(?P<module>.+)\.base_layer\.(?P<param>weight|bias)", key)
+        module = key.rsplit(".", 1)[0]
         if match:
             target, why = f"{match['module']}.{match['param']}", "saved base_layer weight (full copy)"
-        else:
-            module = key.rsplit(".", 1)[0]
-            if not any(module == m or module.endswith(f".{m}") for m in modules):
-                continue
+        elif any(module == m or module.endswith(f".{m}") for m in modules):
             target, why = key, "modules_to_save (full copy)"
+        elif _is_embedding(key):
+            target, why = key, "saved embedding layer (full copy)"
+        else:
+            continue
         if target not in base.tensors and tied.get(target) not in base.tensors:
             continue  # left unused: reported with the other unexplained keys
         info = base.tensors.get(target) or base.tensors[tied[target]]
-        if tuple(value.shape) != info.shape:
+        shape = tuple(value.shape)
+        resized = (
+            shape != info.shape
+            and _is_embedding(target)
+            and len(shape) == len(info.shape) == 2
+            and shape[1] == info.shape[1]
+        )
+        if shape != info.shape and not resized:
             raise AdapterCheckpointError(
                 f"Adapter and base model do not match: adapter tensor {key!r} ({why}) has shape {list(value.shape)}, "
                 f"base tensor {info.name!r} in {info.file.name} has shape {list(info.shape)}."
             )
-        patches.append(TensorPatch(target=target, apply=_full_copy(value), sources=(key,), description=why))
+        patches.append(
+            TensorPatch(
+                target=target,
+                apply=_full_copy(value),
+                sources=(key,),
+                description=why + (f", vocabulary {info.shape[0]} -> {shape[0]}" if resized else ""),
+                shape=shape if resized else None,
+            )
+        )
     return patches
 
 
-def _tied_embeddings(base: BaseCheckpoint) -> dict[str, str]:
+def _check_full_copies(
+    adapter: AdapterCheckpoint, base: BaseCheckpoint, plan: dict[str, list[TensorPatch]], full_copies: list[TensorPatch]
+) -> None:
+    """A resized vocabulary must be resized everywhere, and tied tensors must receive one value.
+
+    Refused: two different full copies for one stored tensor (an adapter that trained its input and
+    output embeddings apart, on a base that ties them), embeddings resized to different sizes, and an
+    embedding left at the old vocabulary size while another was resized.
+    """
+    for target, patches in plan.items():
+        copies = [p for p in patches if any(p is copy for copy in full_copies)]
+        for other in copies[1:]:
+            first, second = adapter.tensors[copies[0].sources[0]], adapter.tensors[other.sources[0]]
+            if first.shape != second.shape or not torch.equal(first, second):
+                raise AdapterCheckpointError(
+                    f"{adapter.weights_file}: {copies[0].sources[0]!r} and {other.sources[0]!r} hold different values, "
+                    f"but the base model ties them (tie_word_embeddings: both are {target!r}). Merge with PEFT "
+                    "(PeftModel.from_pretrained(...).merge_and_unload()) after untying the base, or save the adapter "
+                    "from a model whose embeddings stay tied."
+                )
+    resized = {target: patch.shape for target, patches in plan.items() for patch in patches if patch.shape}
+    if not resized:
+        return
+    rows = {shape[0] for shape in resized.values()}
+    if len(rows) > 1:
+        shown = ", ".join(f"{name} -> {shape[0]}" for name, shape in sorted(resized.items()))
+        raise AdapterCheckpointError(
+            f"{adapter.weights_file}: the adapter resizes the vocabulary inconsistently ({shown}); the embeddings of "
+            "one model share one vocabulary size."
+        )
+    old_rows = {base.tensors[target].shape[0] for target in resized}
+    left = sorted(
+        name
+        for name, info in base.tensors.items()
+        if name not in resized and _is_embedding(name) and len(info.shape) == 2 and info.shape[0] in old_rows
+    )
+    if left:
+        raise AdapterCheckpointError(
+            f"{adapter.weights_file}: the adapter resizes {', '.join(sorted(resized))} to {rows.pop()} rows (new "
+            f"tokens) but has no new value for {', '.join(left)} of the base, which would keep the old vocabulary size. "
+            "Save the adapter with both embedding layers (PEFT: save_pretrained(..., save_embedding_layers=True))."
+        )
+
+
+def vocabulary_resize(plan: dict[str, list[TensorPatch]]) -> int | None:
+    """The merged model's vocabulary size when the plan resizes the embeddings, else ``None``."""
+    rows = {patch.shape[0] for patches in plan.values() for patch in patches if patch.shape}
+    return rows.pop() if rows else None
+
+
+def tied_embeddings(base: BaseCheckpoint) -> dict[str, str]:
     """Output embedding <-> input embedding names when the config ties them, else empty."""
     config = base.config
     tie = config.get("tie_word_embeddings")

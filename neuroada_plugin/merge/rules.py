@@ -85,6 +85,9 @@ class TensorPatch:
         sources: Adapter keys this patch consumes (for messages); the engine fills in the
             module's keys when a rule leaves it empty.
         description: Short human-readable summary for logs, e.g. ``"neuroada k=8"``.
+        shape: The tensor's shape after the patch when it changes it (``None``: unchanged). Only the
+            engine's own full copies set it, for an adapter that resized the vocabulary; a method's
+            rule keeps shapes.
     """
 
     target: str
@@ -92,6 +95,7 @@ class TensorPatch:
     check: Callable[[BaseTensorInfo], None] = field(default=lambda info: None)
     sources: tuple[str, ...] = ()
     description: str = ""
+    shape: tuple[int, ...] | None = None
 
 
 class CheckpointRule(Protocol):

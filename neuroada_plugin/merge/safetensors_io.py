@@ -5,7 +5,8 @@ while the merge only needs to change a few tensors and can copy every other byte
 verbatim. A safetensors file is ``u64-le header length N | N bytes of JSON header | data``;
 the header maps each tensor name to ``dtype``, ``shape`` and ``data_offsets`` (relative to
 the data section). Because a merged tensor keeps its dtype and shape, the output file reuses
-the input header byte for byte and only the patched byte ranges differ.
+the input header byte for byte and only the patched byte ranges differ; a resized vocabulary
+changes an embedding's shape, and then :func:`header_bytes` writes the shard a new header.
 
 Everything a corrupted or truncated file could get wrong (header length, JSON, offsets,
 sizes, overlaps, file length) is checked by :func:`read_header` before any output is written.
@@ -24,7 +25,7 @@ import torch
 
 from .errors import CheckpointFileError
 
-__all__ = ["DTYPES", "SafetensorsHeader", "TensorEntry", "read_header", "read_tensor", "tensor_bytes"]
+__all__ = ["DTYPES", "SafetensorsHeader", "TensorEntry", "header_bytes", "read_header", "read_tensor", "tensor_bytes"]
 
 # safetensors dtype tag -> (element size in bytes, torch dtype or None when torch lacks it).
 DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
@@ -186,3 +187,21 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without copying when it is contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def header_bytes(header: SafetensorsHeader, shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """The length prefix and JSON header of ``header``'s file with some tensors' ``shapes`` changed.
+
+    Tensors keep their file order, dtypes and metadata; offsets follow the new sizes. The JSON is
+    padded with spaces to a multiple of 8 bytes, as the reference implementation writes it.
+    """
+    entries: dict[str, object] = {"__metadata__": header.metadata} if header.metadata else {}
+    offset = 0
+    for entry in header.tensors:
+        shape = tuple(shapes.get(entry.name, entry.shape))
+        size = math.prod(shape) * DTYPES[entry.dtype][0]
+        entries[entry.name] = {"dtype": entry.dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text

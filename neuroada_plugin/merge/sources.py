@@ -107,11 +107,11 @@ class BaseCheckpoint:
         return max(sizes, key=sizes.__getitem__) if sizes else "none"
 
 
-def scan_base_checkpoint(folder: Path) -> BaseCheckpoint:
-    """Find and validate every safetensors shard of ``folder`` (reads headers only)."""
+def scan_base_checkpoint(folder: Path, what: str = "Base") -> BaseCheckpoint:
+    """Find and validate every safetensors shard of ``folder`` (reads headers only); ``what`` names it in errors."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise CheckpointFileError(f"Base folder {folder} has no config.json; it is not a Hugging Face model folder.")
+        raise CheckpointFileError(f"{what} folder {folder} has no config.json; it is not a Hugging Face model folder.")
     config = read_json(config_path)
     index_path = folder / SAFE_INDEX
     if index_path.is_file():
@@ -123,8 +123,8 @@ def scan_base_checkpoint(folder: Path) -> BaseCheckpoint:
         missing = [name for name in shard_names if not (folder / name).is_file()]
         if missing:
             raise CheckpointFileError(
-                f"Base checkpoint {folder} is incomplete: shard(s) {', '.join(missing)} listed in {SAFE_INDEX} are "
-                "missing. Re-download or re-save the base model."
+                f"{what} checkpoint {folder} is incomplete: shard(s) {', '.join(missing)} listed in {SAFE_INDEX} are "
+                "missing. Re-download or re-save it."
             )
     elif (folder / SAFE_SINGLE).is_file():
         index_path, weight_map, shard_names = None, None, [SAFE_SINGLE]
@@ -135,7 +135,7 @@ def scan_base_checkpoint(folder: Path) -> BaseCheckpoint:
             if others
             else ""
         )
-        raise CheckpointFileError(f"Base folder {folder} has no {SAFE_SINGLE} or {SAFE_INDEX}.{hint}")
+        raise CheckpointFileError(f"{what} folder {folder} has no {SAFE_SINGLE} or {SAFE_INDEX}.{hint}")
 
     shards = [read_header(folder / name) for name in shard_names]
     tensors: dict[str, BaseTensorInfo] = {}
@@ -144,7 +144,7 @@ def scan_base_checkpoint(folder: Path) -> BaseCheckpoint:
         for entry in shard.tensors:
             if entry.name in entries:
                 raise CheckpointFileError(
-                    f"Base checkpoint {folder}: tensor {entry.name!r} is stored twice ({entries[entry.name]} and "
+                    f"{what} checkpoint {folder}: tensor {entry.name!r} is stored twice ({entries[entry.name]} and "
                     f"{shard.path.name})."
                 )
             entries[entry.name] = entry

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
@@ -27,10 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InsufficientSpaceError
-from .plan import plan_merge
-from .rules import method_for_adapter
-from .sources import MERGE_INFO, SAFE_INDEX, load_adapter, resolve_folder, scan_base_checkpoint, support_files
-from .writer import prepare_output, staged_output, write_shards
+from .plan import plan_merge, vocabulary_resize
+from .rules import TensorPatch, method_for_adapter
+from .safetensors_io import DTYPES
+from .sources import (
+    MERGE_INFO,
+    SAFE_INDEX,
+    BaseCheckpoint,
+    load_adapter,
+    resolve_folder,
+    scan_base_checkpoint,
+    support_files,
+)
+from .writer import planned_shapes, prepare_output, staged_output, write_shards
 
 __all__ = ["MergeReport", "merge_adapter_checkpoint"]
 
@@ -111,6 +121,7 @@ def merge_adapter_checkpoint(
     files, tokenizer_from = support_files(base_dir, adapter_dir, tokenizer)
     needed = (
         base_ckpt.total_bytes
+        + _size_change(base_ckpt, plan)
         + sum(p.stat().st_size for p in files.values())
         + (base_ckpt.index_file.stat().st_size if base_ckpt.index_file else 0)
     )
@@ -127,13 +138,25 @@ def merge_adapter_checkpoint(
         f"tensors change, {len(base_ckpt.shards)} shard(s), {needed / 1e9:.2f} GB to write"
     )
 
+    vocab_size = vocabulary_resize(plan)
+    if vocab_size is not None:
+        say(f"[merge] the adapter resized the vocabulary: {_vocab_size(base_ckpt.config)} -> {vocab_size} tokens")
+        if tokenizer_from != "adapter":
+            say(
+                f"[merge] warning: the adapter folder has no tokenizer files, so {output.name} gets the base's "
+                f"tokenizer, which may not know the added tokens; copy the tokenizer the adapter was trained with "
+                "into the adapter folder (TRL/Axolotl save it there) and merge again."
+            )
+
     # ---- write into a staging folder, then rename
     with staged_output(output, force, say) as staging:
         written = _write(base_ckpt, plan, staging, progress)
         if base_ckpt.index_file is not None:
-            shutil.copyfile(base_ckpt.index_file, staging / SAFE_INDEX)
+            _write_index(base_ckpt, plan, staging / SAFE_INDEX)
         for name, source in files.items():
             shutil.copyfile(source, staging / name)
+        if vocab_size is not None:
+            _write_vocab_size(staging / "config.json", vocab_size)
         _write_merge_info(
             staging / MERGE_INFO,
             method=spec.name,
@@ -145,6 +168,8 @@ def merge_adapter_checkpoint(
             patched=len(plan),
             tokenizer_from=tokenizer_from,
             exact_merge=spec.exact_merge,
+            vocab_size=vocab_size or _vocab_size(base_ckpt.config),
+            base_vocab_size=_vocab_size(base_ckpt.config),
             **_quantization_facts(base_dir, adapter_dir),
         )
         verification = None
@@ -175,6 +200,45 @@ def _write(base_ckpt, plan, staging: Path, progress: bool) -> int:
 
     with tqdm(total=base_ckpt.total_bytes, unit="B", unit_scale=True, desc="merge") as bar:
         return write_shards(base_ckpt, plan, staging, bar.update)
+
+
+def _size_change(base_ckpt: BaseCheckpoint, plan: dict[str, list[TensorPatch]]) -> int:
+    """Bytes the plan adds to the tensor data (a resized vocabulary; 0 otherwise)."""
+    change = 0
+    for name, shape in planned_shapes(plan).items():
+        entry = base_ckpt.entries[name]
+        change += math.prod(shape) * DTYPES[entry.dtype][0] - entry.nbytes
+    return change
+
+
+def _write_index(base_ckpt: BaseCheckpoint, plan: dict[str, list[TensorPatch]], path: Path) -> None:
+    """The shard index: the base's file as is, or with ``metadata.total_size`` updated for a resized vocabulary."""
+    change = _size_change(base_ckpt, plan)
+    if not change:
+        shutil.copyfile(base_ckpt.index_file, path)
+        return
+    index = json.loads(base_ckpt.index_file.read_text(encoding="utf-8"))
+    metadata = index.setdefault("metadata", {})
+    if isinstance(metadata.get("total_size"), int):
+        metadata["total_size"] += change
+    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    """``vocab_size`` of a model config (top level, or a multimodal model's ``text_config``)."""
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict) and isinstance(section.get("vocab_size"), int):
+            return section["vocab_size"]
+    return None
+
+
+def _write_vocab_size(path: Path, vocab_size: int) -> None:
+    """Set the merged model's ``vocab_size`` (where the base config states one) to the adapter's."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict) and "vocab_size" in section:
+            section["vocab_size"] = vocab_size
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _quantization_facts(base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
