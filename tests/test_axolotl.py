@@ -382,6 +382,14 @@ INVALID_CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "selection": ({"neuroada_selection": "largest"}, ["neuroada_selection", "'magnitude', 'smallest' or 'random'"]),
     "theta_dtype": ({"neuroada_theta_dtype": "int8"}, ["neuroada_theta_dtype", "'float32'"]),
     "typo": ({"neuroada_topk": 4}, ["Unknown neuroada_* key", "`neuroada_topk`", "did you mean `neuroada_top_k`"]),
+    "prefix_typo": (
+        {"neuroda_top_k": 20},
+        ["`neuroda_top_k` is not a key of Axolotl", "did you mean `neuroada_top_k`? Write `neuroada_top_k: 20`"],
+    ),
+    "bare_field": (
+        {"top_k": 20},
+        ["`top_k` is not an Axolotl key", "did you mean `neuroada_top_k`? Write `neuroada_top_k: 20`"],
+    ),
     "core_rule": (
         {"neuroada_layers_pattern": "layers"},
         ["neuroada_layers_pattern only makes sense together with layers_to_transform"],
@@ -389,7 +397,11 @@ INVALID_CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "quantized": ({"gptq": True}, ["cannot train on this quantized base model", "gptq: true", "load_in_4bit: true"]),
     "lora_keys": (
         {"lora_r": 8, "lora_target_modules": ["q_proj"]},
-        ["LoRA-only setting", "`lora_target_modules` (use `neuroada_target_modules`)", "`lora_r`"],
+        [
+            "LoRA-only setting",
+            "`lora_target_modules` (use `neuroada_target_modules`)",
+            "`lora_r` (no neuroada equivalent)",
+        ],
     ),
     "merge_method": ({"merge_method": "memory_efficient"}, ["merge_method: memory_efficient", "merge_method: legacy"]),
     "keys_without_adapter": ({"adapter": "lora"}, ["neuroada_top_k set, but `adapter:` is 'lora'"]),
@@ -419,6 +431,10 @@ print("RESULTS" + json.dumps(results))
 
 def test_invalid_neuroada_settings_fail_at_config_validation(workdir, tiny_llama_dir, data_files):
     paths = {"valid": str(_write_config("tiny_sft", workdir, tiny_llama_dir, data_files["messages"]))}
+    # Axolotl's own keys are never taken for misspelt method keys: `seed` is also a NeuroAda field name.
+    paths["valid_axolotl_keys"] = str(
+        _write_config("tiny_sft", workdir, tiny_llama_dir, data_files["messages"], seed=7, lora_dropout=0.0)
+    )
     for name, (overrides, _) in INVALID_CONFIGS.items():
         paths[name] = str(_write_config("tiny_sft", workdir, tiny_llama_dir, data_files["messages"], **overrides))
     process = _run([str(AXOLOTL_PYTHON), "-c", _VALIDATE_SCRIPT, json.dumps(paths)], cwd=workdir, timeout=240)
@@ -426,6 +442,7 @@ def test_invalid_neuroada_settings_fail_at_config_validation(workdir, tiny_llama
     results = json.loads(process.stdout.split("RESULTS", 1)[1].strip().splitlines()[0])
 
     assert results["valid"] == {"ok": True, "merge_method": "legacy", "top_k": TOP_K}, results["valid"]
+    assert results["valid_axolotl_keys"] == results["valid"], results["valid_axolotl_keys"]
     for name, (_, expected) in INVALID_CONFIGS.items():
         result = results[name]
         assert not result["ok"], f"{name}: config was accepted"

@@ -325,7 +325,14 @@ INVALID_NEAT: dict[str, tuple[dict[str, Any], list[str]]] = {
     "act_fn": ({"neat_act_fn": "swishy"}, ["neat_act_fn must be one of", "'silu'", "'swishy'"]),
     "scaling_nan": ({"neat_scaling": float("nan")}, ["neat_scaling must be finite"]),
     "typo": ({"neat_rank": 4}, ["Unknown neat_* key", "`neat_rank`", "did you mean `neat_r`"]),
-    "lora_keys": ({"lora_r": 8}, ["LoRA-only setting", "`lora_r`", "adapter: neat"]),
+    "lora_keys": ({"lora_r": 8}, ["LoRA-only setting", "`lora_r` (use `neat_r`)", "adapter: neat"]),
+    "prefix_typo": ({"nat_r": 4}, ["`nat_r` is not a key of Axolotl", "did you mean `neat_r`? Write `neat_r: 4`"]),
+    "bare_field": ({"depth": 2}, ["`depth` is not an Axolotl key", "did you mean `neat_depth`? Write `neat_depth: 2`"]),
+    # An Axolotl key two edits from a NEAT key is Axolotl's: refused as LoRA-only, never as a misspelling.
+    "axolotl_key": (
+        {"peft_layers_pattern": "layers"},
+        ["LoRA-only setting", "`peft_layers_pattern` (use `neat_layers_pattern`)"],
+    ),
     "keys_without_adapter": ({"adapter": "neuroada", "neuroada_top_k": 2}, ["neat_r", "set, but `adapter:` is"]),
 }
 

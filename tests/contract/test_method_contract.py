@@ -224,11 +224,22 @@ import json, sys
 import yaml
 from axolotl.cli.config import load_cfg
 from neuroada_plugin.integrations.axolotl import MethodsPlugin
+from neuroada_plugin.integrations.axolotl.validation import axolotl_config_keys
+from neuroada_plugin.registry import get_method
 offered = [c.name for c in MethodsPlugin().get_adapter_capabilities()]
 template, specs, folder = yaml.safe_load(open(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3]
 results = {"offered": offered}
 for name in specs:
-    for variant, extra in (("valid", {}), ("typo", {f"{name}_no_such_setting": 1})):
+    # a field Axolotl has no key of its own for, misspelt in the prefix (one letter dropped) and bare
+    field = next(f.name for f in get_method(name).config_fields() if f.name not in axolotl_config_keys())
+    results[f"{name}-field"] = field
+    variants = (
+        ("valid", {}),
+        ("typo", {f"{name}_no_such_setting": 1}),
+        ("prefix_typo", {f"{name[0]}{name[2:]}_{field}": 1}),
+        ("bare", {field: 1}),
+    )
+    for variant, extra in variants:
         config = {k: v for k, v in template.items() if not k.startswith("neuroada_")}
         config.update(adapter=name, **{f"{name}_target_modules": ["q_proj", "v_proj"]}, **extra)
         path = f"{folder}/{name}-{variant}.yml"
@@ -279,3 +290,12 @@ def test_axolotl_plugin_offers_and_validates_every_method(tiny_llama_dir, tmp_pa
         assert results[f"{name}-valid"] == {"ok": True, "merge_method": "legacy"}, results[f"{name}-valid"]
         typo = results[f"{name}-typo"]
         assert not typo["ok"] and f"Unknown {name}_* key(s): `{name}_no_such_setting`" in typo["error"], typo
+        # A misspelt prefix and a bare field name are refused too, naming the key to write instead.
+        field = results[f"{name}-field"]
+        misspelt = f"{name[0]}{name[2:]}_{field}"
+        prefix_typo, bare = results[f"{name}-prefix_typo"], results[f"{name}-bare"]
+        assert not prefix_typo["ok"], prefix_typo
+        assert f"`{misspelt}` is not a key of Axolotl or of any adapter" in prefix_typo["error"], prefix_typo
+        assert f"did you mean `{name}_{field}`? Write `{name}_{field}: 1` instead." in prefix_typo["error"], prefix_typo
+        assert not bare["ok"] and f"`{field}` is not an Axolotl key" in bare["error"], bare
+        assert f"did you mean `{name}_{field}`? Write `{name}_{field}: 1` instead." in bare["error"], bare

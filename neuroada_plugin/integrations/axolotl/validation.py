@@ -11,8 +11,15 @@ not from one method's policies:
   ``stage3_gather_16bit_weights_on_model_save: true``, or the saved adapter would be empty);
 * ``reads_weights_in_forward`` without ``supports_sharding``: DeepSpeed ZeRO-3 is refused (the
   layer would see a partition of the weight in its forward);
-* every method: misspelt ``<method>_*`` keys, LoRA-only keys that would be ignored, merge
-  methods that only understand LoRA files, and RL continuations that would drop the adapter.
+* every method: misspelt keys (a wrong ``<method>_*`` field, a misspelt prefix such as
+  ``neuroda_top_k``, a bare field such as ``top_k`` under ``adapter: neuroada``), LoRA-only keys
+  that would be ignored (naming the method's equivalent), merge methods that only understand
+  LoRA files, and RL continuations that would drop the adapter.
+
+Axolotl drops undeclared keys silently, so a misspelt key would train with a default instead.
+Only keys that Axolotl's own schema does not declare are ever called misspelt: its key set comes
+from the config model being validated (Axolotl's schema merged with every plugin's) or, for a
+direct call, from ``axolotl.utils.schemas.config``, imported on first use.
 
 Read against axolotl 0.19.0.
 """
@@ -20,39 +27,53 @@ Read against axolotl 0.19.0.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from pydantic import model_validator
+from pydantic import AliasChoices, BaseModel, model_validator
 
-from ...registry import MethodSpec
+from ...registry import MethodSpec, methods
 from .args import MethodArgsBase, exposed_fields, yaml_key
 
-__all__ = ["ValidatedMethodArgs", "check_raw_config", "peft_config_from_cfg"]
+__all__ = [
+    "ValidatedMethodArgs",
+    "axolotl_config_keys",
+    "check_raw_config",
+    "edit_distance",
+    "lora_equivalent",
+    "model_keys",
+    "peft_config_from_cfg",
+    "suggest_method_key",
+]
 
 # RL types for which axolotl asks the adapter loader for the config only and lets TRL wrap
 # the policy (axolotl/loaders/model.py `_load_adapters`).
 CONFIG_ONLY_RL = ("dpo", "ipo", "kto")
 
 # LoRA-specific keys that shape what a LoRA adapter trains. With another adapter they would
-# be ignored silently; they are rejected instead. Values: the replacement field, if any.
-_LORA_KEYS: dict[str, str | None] = {
-    "lora_r": None,
-    "lora_alpha": None,
-    "lora_target_modules": "target_modules",
-    "lora_target_linear": "target_modules",
-    "lora_target_parameters": None,
-    "lora_fan_in_fan_out": None,
-    "lora_rank_pattern": None,
-    "lora_alpha_pattern": None,
-    "peft_layers_to_transform": "layers_to_transform",
-    "peft_layers_pattern": "layers_pattern",
-    "peft_use_dora": None,
-    "peft_use_rslora": None,
-    "peft_init_lora_weights": "init_weights",
-    "loraplus_lr_ratio": None,
+# be ignored silently; they are rejected instead. Values: the PEFT config field(s) the key sets
+# (LoraConfig's vocabulary, first match wins) and, where the YAML value does not carry over, the
+# value to write instead. A method whose config has such a field gets it named as the
+# replacement (`lora_r` -> `neat_r`), so no method is named here.
+_LORA_KEYS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "lora_r": (("r",), None),
+    "lora_alpha": (("lora_alpha", "alpha"), None),
+    "lora_dropout": (("lora_dropout", "dropout"), None),
+    "lora_target_modules": (("target_modules",), None),
+    "lora_target_linear": (("target_modules",), "all-linear"),
+    "lora_target_parameters": (("target_parameters",), None),
+    "lora_fan_in_fan_out": (("fan_in_fan_out",), None),
+    "lora_rank_pattern": (("rank_pattern",), None),
+    "lora_alpha_pattern": (("alpha_pattern",), None),
+    "peft_layers_to_transform": (("layers_to_transform",), None),
+    "peft_layers_pattern": (("layers_pattern",), None),
+    "peft_use_dora": (("use_dora",), None),
+    "peft_use_rslora": (("use_rslora",), None),
+    "peft_init_lora_weights": (("init_lora_weights", "init_weights"), None),
+    "loraplus_lr_ratio": ((), None),
 }
 _QUANTIZATION_KEYS = ("load_in_8bit", "load_in_4bit", "gptq", "quantize_moe_experts")
 # Quantized loading a method may accept: YAML key -> the layer kind its spec lists in quantized_layers.
@@ -75,18 +96,185 @@ def _present(data: Mapping[str, Any], key: str) -> bool:
     return key in data and data[key] is not None
 
 
-def check_raw_config(spec: MethodSpec, data: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Reject what would be ignored or fail late; returns ``data`` (a copy when a default is filled in)."""
+# ------------------------------------------------------------------------------------------ key spelling
+
+
+@functools.lru_cache(maxsize=16)
+def model_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The top-level keys a pydantic model accepts: field names and their aliases (``model_config``)."""
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        keys.add(name)
+        for alias in (field.alias, field.validation_alias):
+            if isinstance(alias, str):
+                keys.add(alias)
+            elif isinstance(alias, AliasChoices):
+                keys.update(choice for choice in alias.choices if isinstance(choice, str))
+    return frozenset(keys)
+
+
+@functools.lru_cache(maxsize=1)
+def axolotl_config_keys() -> frozenset[str]:
+    """Every top-level key of Axolotl's own config schema (empty if this Axolotl keeps it elsewhere).
+
+    Imported on first use: Axolotl builds its schema before importing plugins, so inside
+    validation it is already loaded, and importing it from this module's top could be circular.
+    """
+    try:
+        from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
+    except ImportError:  # pragma: no cover - another Axolotl layout; the validated class still knows its keys
+        return frozenset()
+    return model_keys(AxolotlConfigWCapabilities)
+
+
+def _knows_axolotl_keys(known: Collection[str]) -> bool:
+    """Whether ``known`` holds Axolotl's schema (``base_model``, a key it requires, stands for it).
+
+    Without it, a bare field name could be one of Axolotl's keys (``seed`` is NeuroAda's field and
+    Axolotl's key), so bare names are not refused.
+    """
+    return "base_model" in known
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance counting a swap of neighbours as one edit (``nueroada`` is 1 from ``neuroada``)."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            if i > 1 and j > 1 and char_a == b[j - 2] and a[i - 2] == char_b:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def _folded(key: str) -> str:
+    """Case and dashes folded: ``NeuroAda-top-k`` is read as ``neuroada_top_k``."""
+    return key.lower().replace("-", "_")
+
+
+def _misspelling_distance(key: str, spec: MethodSpec, field_name: str) -> int | None:
+    """How far ``key`` is from ``spec``'s key for ``field_name``, when it reads as a misspelling of it.
+
+    Either the whole key is within one edit per six characters (at least one) of the method key, or
+    it is the field spelt right after a prefix within one edit per three characters of the method's
+    prefix (``neuro_top_k``, ``nat_r``). Far-off keys return ``None``: they may be another tool's.
+    """
+    folded, target, prefix = _folded(key), yaml_key(spec, field_name), spec.yaml_prefix
+    distance = edit_distance(folded, target)
+    if distance <= max(1, len(target) // 6):
+        return distance
+    suffix = f"_{field_name}"
+    if folded.endswith(suffix) and len(folded) > len(suffix):
+        head = folded[: -len(field_name)]
+        head_distance = edit_distance(head, prefix)
+        if head_distance <= max(1, len(prefix) // 3):
+            return head_distance
+    return None
+
+
+def suggest_method_key(key: str, specs: Iterable[MethodSpec] | None = None) -> tuple[MethodSpec, str] | None:
+    """The method and YAML key that ``key`` misspells (``neuroda_top_k`` -> ``neuroada_top_k``), or ``None``.
+
+    Compared against every registered method's keys (``specs`` defaults to the registry), the
+    nearest wins.
+    """
+    best: tuple[int, MethodSpec, str] | None = None
+    for spec in methods().values() if specs is None else specs:
+        for field in exposed_fields(spec):
+            distance = _misspelling_distance(key, spec, field.name)
+            if distance is not None and (best is None or distance < best[0]):
+                best = (distance, spec, yaml_key(spec, field.name))
+    return None if best is None else (best[1], best[2])
+
+
+def _bare_field(key: str, spec: MethodSpec) -> str | None:
+    """``spec``'s YAML key when ``key`` is one of its field names written without the prefix (``top_k``).
+
+    Fields of five or more letters also match at one edit (``topk``); shorter ones (``r``) only exactly.
+    """
+    folded = _folded(key)
+    for field in exposed_fields(spec):
+        if folded == field.name or (len(field.name) >= 5 and edit_distance(folded, field.name) <= 1):
+            return yaml_key(spec, field.name)
+    return None
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as it would be written in the YAML (JSON is valid YAML); elided when long."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else "..."
+
+
+def _check_spelling(spec: MethodSpec, data: Mapping[str, Any], known: Collection[str]) -> None:
+    """Refuse keys Axolotl would drop silently that read as one of a method's keys.
+
+    Three kinds: a wrong field after ``spec``'s own prefix (``neuroada_topk``: every such key is
+    refused), a misspelt prefix of any registered method (``neuroda_top_k``), and, when ``adapter:``
+    is ``spec``, a field name without its prefix (``top_k``). Keys Axolotl declares are never refused.
+    """
     prefix, name, declared = spec.yaml_prefix, spec.name, declared_keys(spec)
-    unknown = sorted(k for k in data if isinstance(k, str) and k.startswith(prefix) and k not in declared)
-    if unknown:
+    specs = list(methods().values())
+    if spec.name not in {s.name for s in specs}:
+        specs.append(spec)  # a spec checked directly without being registered
+    method_keys = {k for s in specs for k in declared_keys(s)}
+    prefixes = tuple(s.yaml_prefix for s in specs)
+    candidates = [k for k in data if isinstance(k, str) and k not in known and k not in method_keys]
+
+    own = sorted(k for k in candidates if k.startswith(prefix))
+    if own:
         hints = []
-        for key in unknown:
+        for key in own:
             close = difflib.get_close_matches(key, declared, n=1)
             hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
         raise ValueError(
             f"Unknown {prefix}* key(s): {', '.join(hints)}. Keys understood by adapter: {name}: {', '.join(declared)}."
         )
+
+    hints, owners = [], []
+    bare_allowed = data.get("adapter") == name and _knows_axolotl_keys(known)
+    for key in candidates:
+        if key.startswith(prefixes) or data[key] is None:  # a prefixed key is its own method's to report
+            continue
+        suggestion = suggest_method_key(key, specs)
+        if suggestion is not None:
+            owner, target = suggestion
+            hints.append(
+                f"`{key}` is not a key of Axolotl or of any adapter, and Axolotl would ignore it silently: "
+                f"did you mean `{target}`? Write `{target}: {_yaml_value(data[key])}` instead."
+            )
+        elif bare_allowed and (target := _bare_field(key, spec)) is not None:
+            owner = spec
+            hints.append(
+                f"`{key}` is not an Axolotl key, and Axolotl would ignore it silently: `adapter: {name}` settings "
+                f"take the prefix `{prefix}`; did you mean `{target}`? Write `{target}: {_yaml_value(data[key])}` "
+                "instead."
+            )
+        else:
+            continue
+        if owner not in owners:
+            owners.append(owner)
+    if hints:
+        listed = " ".join(f"Keys understood by adapter: {s.name}: {', '.join(declared_keys(s))}." for s in owners)
+        raise ValueError(f"{' '.join(hints)} {listed}")
+
+
+# ------------------------------------------------------------------------------------------ the checks
+
+
+def check_raw_config(
+    spec: MethodSpec, data: Mapping[str, Any], known_keys: Collection[str] | None = None
+) -> Mapping[str, Any]:
+    """Reject what would be ignored or fail late; returns ``data`` (a copy when a default is filled in).
+
+    ``known_keys``: the keys the Axolotl config being validated declares (its own and every plugin's);
+    default: Axolotl's own schema. A key in it is never called misspelt.
+    """
+    name, declared = spec.name, declared_keys(spec)
+    _check_spelling(spec, data, axolotl_config_keys() if known_keys is None else known_keys)
     used = [k for k in declared if _present(data, k)]
     adapter = data.get("adapter")
     if adapter != name:
@@ -184,19 +372,38 @@ def _zero3_gathers_on_save(deepspeed: Any) -> bool | None:
     return bool(value)
 
 
+def lora_equivalent(spec: MethodSpec, lora_key: str) -> str | None:
+    """``spec``'s YAML key doing what LoRA key ``lora_key`` does (``lora_r`` -> ``neat_r``), or ``None``.
+
+    Found from the method's config fields, so a new method gets its equivalents without edits here;
+    a fixed value to write is appended (``lora_target_linear`` -> ``neat_target_modules: all-linear``).
+    """
+    fields, value = _LORA_KEYS.get(lora_key, ((), None))
+    exposed = {f.name for f in exposed_fields(spec)}
+    field_name = next((f for f in fields if f in exposed), None)
+    if field_name is None:
+        return None
+    return yaml_key(spec, field_name) + (f": {value}" if value is not None else "")
+
+
+def _sets_something(key: str, value: Any) -> bool:
+    """Whether a LoRA key's value would change a LoRA adapter (``false``, and a zero dropout, do not)."""
+    if value is None or value is False:
+        return False
+    return not (key == "lora_dropout" and not value)
+
+
 def _check_lora_keys(spec: MethodSpec, declared: list[str], data: Mapping[str, Any]) -> None:
-    lora_keys = [k for k in _LORA_KEYS if _present(data, k) and data[k] is not False]
-    if data.get("lora_dropout"):
-        lora_keys.append("lora_dropout")
+    lora_keys = [k for k in _LORA_KEYS if k in data and _sets_something(k, data[k])]
     if lora_keys:
         hints = []
         for key in lora_keys:
-            replacement = _LORA_KEYS.get(key)
-            target = yaml_key(spec, replacement) if replacement else None
-            hints.append(f"`{key}`" + (f" (use `{target}`)" if target in declared else ""))
+            target = lora_equivalent(spec, key)
+            hints.append(f"`{key}`" + (f" (use `{target}`)" if target else f" (no {spec.name} equivalent)"))
         raise ValueError(
-            f"LoRA-only setting(s) {', '.join(hints)} have no effect with `adapter: {spec.name}`. Remove them; "
-            f"the {spec.name} settings are {', '.join(declared)}."
+            f"LoRA-only setting(s) {', '.join(hints)} have no effect with `adapter: {spec.name}`. Remove them, "
+            f"writing the equivalent named in brackets where there is one; the {spec.name} settings are "
+            f"{', '.join(declared)}."
         )
     modules_key = yaml_key(spec, "modules_to_save")
     if (
@@ -289,8 +496,10 @@ class ValidatedMethodArgs(MethodArgsBase):
         """Reject, with the offending key named, what would otherwise be ignored or fail late."""
         if not isinstance(data, Mapping):
             return data
+        # cls is Axolotl's config model with every plugin's args mixed in: its keys are what Axolotl keeps.
+        known = model_keys(cls) | axolotl_config_keys()
         for spec in cls._specs():
-            data = check_raw_config(spec, data)
+            data = check_raw_config(spec, data, known)
         return data
 
     @model_validator(mode="after")
