@@ -124,6 +124,14 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
         "in-memory merge_and_unload() bit for bit and (2) float32 logits of the merged model match the unmerged "
         "adapter. On a mismatch nothing is written (exit code 1).",
     )
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="Merge/check even where the base weights are not the ones the adapter was created on. Each adapter "
+        "records a fingerprint of every adapted base weight; a base whose fingerprint is far from it (another model "
+        "of the same shapes) is refused by default (exit 2, nothing written). The same model in another dtype, or its "
+        "full-precision original for an adapter trained on a 4-bit base, is accepted without this flag.",
+    )
     parser.add_argument("--no-progress", action="store_true", help="Do not show the progress bar.")
     parser.add_argument("--quiet", "-q", action="store_true", help="Print only errors (implies --no-progress).")
 
@@ -172,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--base", required=True, metavar="BASE", help="Base model folder (or hub repo id).")
     verify.add_argument("--adapter", required=True, metavar="ADAPTER", help="Adapter folder (or hub repo id).")
     verify.add_argument("--merged", required=True, metavar="MERGED", help="Merged checkpoint folder to check.")
+    verify.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="Merge/check even where the base weights are not the ones the adapter was created on. Each adapter "
+        "records a fingerprint of every adapted base weight; a base whose fingerprint is far from it (another model "
+        "of the same shapes) is refused by default (exit 2, nothing written). The same model in another dtype, or its "
+        "full-precision original for an adapter trained on a 4-bit base, is accepted without this flag.",
+    )
     verify.add_argument("--quiet", "-q", action="store_true", help="Print only the result and errors.")
     verify.set_defaults(func=_run_verify, error_prog=f"{PROG} verify")
 
@@ -226,6 +242,7 @@ def _run_merge(args: argparse.Namespace) -> int:
                 progress=not (args.no_progress or args.quiet),
                 tokenizer=args.tokenizer,
                 verify=args.verify,
+                allow_base_mismatch=args.allow_base_mismatch,
                 log=log,
             )
         except OutputExistsError as error:
@@ -265,7 +282,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         base = resolve_folder(args.base, "Base model")
         adapter = resolve_folder(args.adapter, "Adapter")
         merged = resolve_folder(args.merged, "Merged checkpoint")
-        result = verify_merge(base, adapter, merged, log=log)
+        result = verify_merge(base, adapter, merged, allow_base_mismatch=args.allow_base_mismatch, log=log)
     except VerificationError as error:
         return fail(prog, error, 1)
     except (

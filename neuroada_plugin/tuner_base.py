@@ -8,7 +8,8 @@ PEFT's ``BaseTuner`` assumes adapter tensors live inside ``nn.Module`` container
 in a *new* ``Parameter`` with ``requires_grad=True``: a frozen, inactive or inference-only adapter
 would silently become trainable. :class:`ParameterDictTuner` restores every flag after the cast.
 
-It also guards the model's bitsandbytes 4-bit layers against bitsandbytes' CPU-packed layout
+It also raises, after a load, the base-fingerprint mismatches its layers noted
+(:mod:`neuroada_plugin.base_fingerprint`), and guards the model's bitsandbytes 4-bit layers against bitsandbytes' CPU-packed layout
 (:mod:`neuroada_plugin.bnb_cpu_layout`) while the adapter is attached, targeted or not: a gradient
 through any frozen 4-bit layer reaches the adapters below it, and saving must not corrupt any.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .base_fingerprint import raise_pending_mismatches
 from .bnb_cpu_layout import guard_4bit_layers, unguard_4bit_layers
 
 __all__ = ["ParameterDictTuner"]
@@ -32,6 +34,10 @@ class ParameterDictTuner(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)
         guard_4bit_layers(model)
+        if not getattr(self, "_checks_base_fingerprints", False):
+            # Layers note a loaded adapter whose base fingerprint differs; one error once the load is complete.
+            self.register_load_state_dict_post_hook(lambda module, incompatible: raise_pending_mismatches(module))
+            self._checks_base_fingerprints = True
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)

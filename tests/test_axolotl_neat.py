@@ -40,6 +40,8 @@ from test_axolotl import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from neuroada_plugin.base_fingerprint import fingerprint_distance, weight_fingerprint
+
 from common import commonsense
 
 R, DEPTH, ACT, SCALING = 4, 1, "silu", 2.0
@@ -186,7 +188,9 @@ def _check_neat_output(output_dir: Path, base: dict[str, torch.Tensor]) -> dict[
     assert len(adapter) == 7 * 2 and {k.rsplit(".", 2)[-2] for k in adapter} == set(PROJECTIONS)
     for key, t in adapter.items():
         out = base[key].shape[0]
-        assert sorted(t) == ["A", "B", "D", "E"], (key, sorted(t))
+        assert sorted(t) == ["A", "B", "D", "E", "fingerprint"], (key, sorted(t))
+        fingerprint = t.pop("fingerprint")  # of the base weight the adapter was created on
+        assert fingerprint_distance(fingerprint, weight_fingerprint(base[key])) < 1e-2, key  # dtype Axolotl loaded
         assert t["A"].shape == (R, out) and t["B"].shape == (out, R), key
         assert t["E"].shape == t["D"].shape == (DEPTH, R, R), key
         assert all(v.dtype == torch.float32 for v in t.values()), key

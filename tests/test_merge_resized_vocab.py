@@ -95,7 +95,9 @@ def test_resized_vocabulary_merges_like_peft_and_verifies(tmp_path, capsys, tie,
 
     got, want = _checkpoint(out), _peft_merge(base, adapter, tokenizer)
     if tie:  # the checkpoint stores the tied embedding once
-        assert "lm_head.weight" not in got and torch.equal(want.pop("lm_head.weight"), want["model.embed_tokens.weight"])
+        assert "lm_head.weight" not in got and torch.equal(
+            want.pop("lm_head.weight"), want["model.embed_tokens.weight"]
+        )
     assert sorted(got) == sorted(want)
     for name, value in want.items():
         assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
@@ -106,7 +108,11 @@ def test_resized_vocabulary_merges_like_peft_and_verifies(tmp_path, capsys, tie,
     merged_tokenizer = AutoTokenizer.from_pretrained(out)  # from the adapter folder: it knows the new token
     assert len(merged_tokenizer) == BASE_VOCAB + 1 and merged_tokenizer.convert_tokens_to_ids(NEW_TOKEN) == BASE_VOCAB
     info = json.loads((out / "merge_info.json").read_text())
-    assert (info["base_vocab_size"], info["vocab_size"], info["tokenizer_from"]) == (BASE_VOCAB, BASE_VOCAB + 1, "adapter")
+    assert (info["base_vocab_size"], info["vocab_size"], info["tokenizer_from"]) == (
+        BASE_VOCAB,
+        BASE_VOCAB + 1,
+        "adapter",
+    )
     if shard:
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
@@ -123,7 +129,9 @@ def test_a_half_resized_vocabulary_is_refused_naming_what_is_missing(tmp_path):
     tensors = load_file(weights)
     del tensors["base_model.model.lm_head.weight"]
     save_file(tensors, weights, metadata={"format": "pt"})
-    with pytest.raises(AdapterCheckpointError, match=r"resizes model.embed_tokens.weight to 49153 rows.*lm_head.weight"):
+    with pytest.raises(
+        AdapterCheckpointError, match=r"resizes model.embed_tokens.weight to 49153 rows.*lm_head.weight"
+    ):
         merge_adapter_checkpoint(base, adapter, tmp_path / "out", progress=False, log=None)
     assert not (tmp_path / "out").exists()
 

@@ -276,7 +276,7 @@ def test_save_and_load(case, safe_serialization, tmp_path):
     assert weights_file.exists() and len(list(tmp_path.glob("adapter_model.*"))) == 1
     state = load_file(weights_file) if safe_serialization else torch.load(weights_file, weights_only=True)
     assert {k for k in state if "neuroada_" in k} == {
-        f"base_model.model.{n}.neuroada_{kind}" for n in case.targets for kind in ("theta", "indices")
+        f"base_model.model.{n}.neuroada_{kind}" for n in case.targets for kind in ("theta", "indices", "fingerprint")
     }
     loaded = PeftModel.from_pretrained(case.build_model(), tmp_path)
     saved_config = {**model.peft_config["default"].to_dict(), "inference_mode": True, "auto_mapping": None}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
+from neuroada_plugin.base_fingerprint import weight_fingerprint
 
 from tiny_models import tiny_llama
 
@@ -89,9 +90,19 @@ def test_saved_adapter_holds_config_theta_and_integer_indices(trained_adapter):
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     theta_keys = [k for k in tensors if k.endswith("neuroada_theta")]
     index_keys = [k for k in tensors if k.endswith("neuroada_indices")]
-    assert len(theta_keys) == len(index_keys) == 14 and len(tensors) == 28
+    fingerprint_keys = [k for k in tensors if k.endswith("neuroada_fingerprint")]
+    assert len(theta_keys) == len(index_keys) == len(fingerprint_keys) == 14 and len(tensors) == 42
     assert all(tensors[k].dtype == torch.int64 and tensors[k].shape[1] == 2 for k in index_keys)
     assert all(tensors[k].dtype == torch.float32 for k in theta_keys)
+    # The base fingerprint of each layer is that of the weight the adapter was created on.
+    base = dict(
+        AutoModelForCausalLM.from_pretrained(
+            json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        ).named_parameters()
+    )
+    for key in fingerprint_keys:
+        weight = base[key.removeprefix("base_model.model.").replace("neuroada_fingerprint", "weight")]
+        assert torch.equal(tensors[key], weight_fingerprint(weight.detach())), key
 
 
 LOAD_SCRIPT = textwrap.dedent(

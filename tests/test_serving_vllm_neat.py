@@ -145,7 +145,7 @@ def test_neat_merge_equals_peanut_merge_and_unload(neat_loop):
                 layer.peanut_encoders["default"][level].weight.copy_(saved[prefix + "E"][level])
                 layer.peanut_decoders["default"][level].weight.copy_(saved[prefix + "D"][level])
             copied += 1
-    assert copied == 14 and len(saved) == 14 * 4, (copied, sorted(saved))
+    assert copied == 14 and len(saved) == 14 * 5, (copied, sorted(saved))  # A, B, E, D, base fingerprint
     want = peanut.merge_and_unload().state_dict()
     got = read_checkpoint(neat_loop["merged"])
     base_state = read_checkpoint(neat_loop["base"])

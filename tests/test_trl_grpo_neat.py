@@ -97,7 +97,7 @@ def test_grpo_neat_with_kl_to_the_disabled_adapter_equals_peanut(tiny_llama_dir,
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "NEAT"
     assert {key: config[key] for key in SETTINGS} == SETTINGS
-    assert len(load_file(out / "adapter_model.safetensors")) == len(adapter_before)
+    assert len(load_file(out / "adapter_model.safetensors")) == len(adapter_before) + 14  # + base fingerprints
     with torch.no_grad():
         reloaded = PeftModel.from_pretrained(fresh, out).eval()
         assert type(reloaded.base_model).__name__ == "NeatModel"

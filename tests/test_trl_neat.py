@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+from neuroada_plugin.base_fingerprint import weight_fingerprint
 from neuroada_plugin.neat import NeatConfig
 
 from common import commonsense as cs
@@ -202,8 +203,13 @@ def test_sft_trains_exactly_like_peanut_and_reloads(tiny_llama_dir, tmp_path, se
     assert {key: config[key] for key in settings} == settings
     assert set(config["target_modules"]) == set(TARGETS)
     saved = load_file(out / "adapter_model.safetensors")
-    assert len(saved) == len(adapter_before)  # A, B (and E, D) of 14 layers, no base weight
-    assert {k.rsplit(".", 1)[-1] for k in saved} == {k.split(".")[-2] for k in adapter_before}
+    # A, B (and E, D) of 14 layers and each layer's base fingerprint; no base weight.
+    assert len(saved) == len(adapter_before) + 14
+    assert {k.rsplit(".", 1)[-1] for k in saved} == {k.split(".")[-2] for k in adapter_before} | {"neat_fingerprint"}
+    for key, value in saved.items():
+        if key.endswith(".neat_fingerprint"):
+            weight = base_before[key.replace(".neat_fingerprint", ".base_layer.weight")]
+            assert torch.equal(value, weight_fingerprint(weight)), key
 
     neat.model.eval()
     with torch.no_grad():

@@ -117,7 +117,8 @@ def test_sft_trains_only_theta_and_the_adapter_reloads(tiny_llama_dir, tmp_path)
     out = tmp_path / "adapter"
     trainer.save_model(out)
     saved = load_file(out / "adapter_model.safetensors")
-    assert len(saved) == 28 and sorted({k.split(".")[-1] for k in saved}) == ["neuroada_indices", "neuroada_theta"]
+    kinds = ["neuroada_fingerprint", "neuroada_indices", "neuroada_theta"]
+    assert len(saved) == 42 and sorted({k.split(".")[-1] for k in saved}) == kinds
     assert sum(t.numel() for k, t in saved.items() if "theta" in k) == sum(t.numel() for t in thetas.values())
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "NEUROADA"
 

@@ -13,15 +13,24 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from ..base_fingerprint import TOLERANCE, check_fingerprint, is_recorded
 from ..errors import AdapterCheckpointError
 from ..registry import MethodSpec
-from .rules import AdapterModule, TensorPatch, get_checkpoint_rule, method_for_adapter
+from .rules import FINGERPRINT_PARAM, AdapterModule, TensorPatch, get_checkpoint_rule, method_for_adapter
 from .sources import ADAPTER_CONFIG, AdapterCheckpoint, BaseCheckpoint
 
-__all__ = ["group_by_module", "plan_merge", "tied_embeddings", "vocabulary_resize"]
+__all__ = [
+    "FingerprintChecks",
+    "group_by_module",
+    "plan_merge",
+    "split_fingerprint",
+    "tied_embeddings",
+    "vocabulary_resize",
+]
 
 _OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 _INPUT_EMBEDDING_SUFFIXES = (
@@ -73,8 +82,65 @@ def group_by_module(adapter: AdapterCheckpoint, prefix: str) -> dict[str, Adapte
     }
 
 
-def plan_merge(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> dict[str, list[TensorPatch]]:
-    """Validate ``adapter`` against ``base`` and return base tensor name -> patches (in order)."""
+@dataclass
+class FingerprintChecks:
+    """The base-fingerprint comparisons of one merge (base_fingerprint.py), run as the base weights are read.
+
+    Each is a patch that computes the fingerprint of the tensor it receives (before any change) and
+    raises :class:`~neuroada_plugin.base_fingerprint.BaseMismatchError` unless ``allow``.
+    """
+
+    allow: bool = False
+    patches: list[TensorPatch] = field(default_factory=list)
+    distances: dict[str, float] = field(default_factory=dict)
+    not_recorded: list[str] = field(default_factory=list)
+
+    def add(self, module: AdapterModule, target: str, recorded: torch.Tensor, key: str) -> TensorPatch:
+        def apply(weight: torch.Tensor) -> torch.Tensor:
+            distance = check_fingerprint(
+                recorded, weight, where=f"{module.where}", allow=self.allow, override="pass --allow-base-mismatch"
+            )
+            if distance is not None:
+                self.distances[module.module] = distance
+            return weight
+
+        patch = TensorPatch(target=target, apply=apply, sources=(key,), description="base fingerprint check")
+        self.patches.append(patch)
+        return patch
+
+    def summary(self) -> dict[str, object]:
+        """What ``merge_info.json`` records."""
+        worst = max(self.distances.values(), default=None)
+        return {
+            "layers_checked": len(self.distances),
+            "max_distance": None if worst is None else round(worst, 4),
+            "tolerance": TOLERANCE,
+            "layers_without_fingerprint": len(self.not_recorded),
+            "mismatch_allowed": self.allow,
+        }
+
+
+def split_fingerprint(module: AdapterModule) -> tuple[AdapterModule, torch.Tensor | None, str | None]:
+    """``module`` without its base fingerprint, the fingerprint and its key (``None`` when the file has none)."""
+    if FINGERPRINT_PARAM not in module.tensors:
+        return module, None, None
+    rest = dataclasses.replace(
+        module,
+        tensors={k: v for k, v in module.tensors.items() if k != FINGERPRINT_PARAM},
+        keys={k: v for k, v in module.keys.items() if k != FINGERPRINT_PARAM},
+    )
+    return rest, module.tensors[FINGERPRINT_PARAM], module.keys[FINGERPRINT_PARAM]
+
+
+def plan_merge(
+    adapter: AdapterCheckpoint, base: BaseCheckpoint, checks: FingerprintChecks | None = None
+) -> dict[str, list[TensorPatch]]:
+    """Validate ``adapter`` against ``base`` and return base tensor name -> patches (in order).
+
+    Recorded base fingerprints become checks (``checks``, a new one when ``None``) placed before the
+    patches of each adapted weight, so they see the base value.
+    """
+    checks = checks if checks is not None else FingerprintChecks()
     if not adapter.peft_type:
         raise AdapterCheckpointError(f"{adapter.path / ADAPTER_CONFIG}: no 'peft_type'.")
     spec = method_for_adapter(adapter.peft_type)
@@ -86,17 +152,24 @@ def plan_merge(adapter: AdapterCheckpoint, base: BaseCheckpoint) -> dict[str, li
             f"'*.{spec.prefix}*' tensors."
         )
     method_patches = []
+    check_patches = []
     for module in modules.values():
+        module, recorded, key = split_fingerprint(module)  # the engine's, not the rule's
+        target = f"{module.module}.weight"
+        if not is_recorded(recorded):  # no key (saved before fingerprints existed) or the placeholder
+            checks.not_recorded.append(module.module)
+        elif target in base.tensors:
+            check_patches.append(checks.add(module, target, recorded, key))
         for patch in rule(module, base.tensors):
             if not patch.sources:
                 patch = dataclasses.replace(patch, sources=tuple(module.keys.values()))
             method_patches.append(patch)
-    used = {key for module in modules.values() for key in module.keys.values()}
+    used = {key for module in modules.values() for key in module.keys.values()}  # fingerprints included
     # Full copies come first: PEFT saves the base weight of an adapted embedding-like layer
     # (e.g. a tied lm_head) as "<module>.base_layer.weight", and loading restores it before
     # the adapter acts; modules_to_save replace a whole module.
     full_copies = _full_copy_patches(adapter, base, used)
-    patches = full_copies + method_patches
+    patches = check_patches + full_copies + method_patches
     used |= {key for patch in patches for key in patch.sources}
     _refuse_unused(adapter, spec, sorted(set(adapter.tensors) - used))
 

@@ -28,6 +28,7 @@ from ..registry import MethodSpec, UnknownMethodError, method_for_peft_type, met
 from .errors import UnsupportedAdapterError
 
 __all__ = [
+    "FINGERPRINT_PARAM",
     "AdapterModule",
     "BaseTensorInfo",
     "CheckpointRule",
@@ -107,6 +108,10 @@ class CheckpointRule(Protocol):
 
     def __call__(self, module: AdapterModule, base_tensors: Mapping[str, BaseTensorInfo]) -> Iterable[TensorPatch]: ...
 
+
+# ``<module>.<prefix>fingerprint``: the base weight's fingerprint (neuroada_plugin/base_fingerprint.py). The
+# engine checks it and never hands it to a rule.
+FINGERPRINT_PARAM = "fingerprint"
 
 _PEFT_ONLY = {"LORA", "ADALORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "DORA", "VERA", "FOURIERFT", "BONE", "SHIRA"}
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InsufficientSpaceError
-from .plan import plan_merge, vocabulary_resize
+from .plan import FingerprintChecks, plan_merge, vocabulary_resize
 from .rules import TensorPatch, method_for_adapter
-from .safetensors_io import DTYPES
+from .safetensors_io import DTYPES, read_tensor
 from .sources import (
     MERGE_INFO,
     SAFE_INDEX,
@@ -83,6 +83,7 @@ def merge_adapter_checkpoint(
     progress: bool = True,
     tokenizer: str = "auto",
     verify: bool = False,
+    allow_base_mismatch: bool = False,
     log: Log | None = print,
 ) -> MergeReport:
     """Merge the adapter in ``adapter`` into the base checkpoint ``base``; write an ordinary checkpoint to ``output``.
@@ -100,6 +101,9 @@ def merge_adapter_checkpoint(
         verify: Before the output is put in place, load it and compare it with the unmerged adapter
             (loads the whole model with PEFT; see :mod:`.verify`). A failed verification raises
             :class:`~.verify.VerificationError` and leaves no output.
+        allow_base_mismatch: Merge even where the base weights' fingerprint differs from the one the adapter
+            recorded when it was created (:mod:`neuroada_plugin.base_fingerprint`); otherwise that is a
+            :class:`~neuroada_plugin.base_fingerprint.BaseMismatchError` and nothing is written.
         log: Callable for progress messages (``None``: silent).
 
     Returns:
@@ -116,7 +120,9 @@ def merge_adapter_checkpoint(
     # ---- validate everything before writing anything
     base_ckpt = scan_base_checkpoint(base_dir)
     adapter_ckpt = load_adapter(adapter_dir)
-    plan = plan_merge(adapter_ckpt, base_ckpt)
+    checks = FingerprintChecks(allow=allow_base_mismatch)
+    plan = plan_merge(adapter_ckpt, base_ckpt, checks)
+    _check_first_fingerprint(base_ckpt, checks, say)
     spec = method_for_adapter(adapter_ckpt.peft_type)
     files, tokenizer_from = support_files(base_dir, adapter_dir, tokenizer)
     needed = (
@@ -168,6 +174,7 @@ def merge_adapter_checkpoint(
             patched=len(plan),
             tokenizer_from=tokenizer_from,
             exact_merge=spec.exact_merge,
+            base_fingerprint=checks.summary(),
             vocab_size=vocab_size or _vocab_size(base_ckpt.config),
             base_vocab_size=_vocab_size(base_ckpt.config),
             **_quantization_facts(base_dir, adapter_dir),
@@ -176,7 +183,9 @@ def merge_adapter_checkpoint(
         if verify:  # on the staging folder: a failed check leaves no output behind
             from .verify import verify_merge
 
-            verification = verify_merge(base_dir, adapter_dir, staging, log=say)
+            verification = verify_merge(
+                base_dir, adapter_dir, staging, allow_base_mismatch=allow_base_mismatch, log=say
+            )
 
     return MergeReport(
         output=output,
@@ -200,6 +209,22 @@ def _write(base_ckpt, plan, staging: Path, progress: bool) -> int:
 
     with tqdm(total=base_ckpt.total_bytes, unit="B", unit_scale=True, desc="merge") as bar:
         return write_shards(base_ckpt, plan, staging, bar.update)
+
+
+def _check_first_fingerprint(base_ckpt: BaseCheckpoint, checks: FingerprintChecks, say: Log) -> None:
+    """Compare one layer's base fingerprint before writing anything (the rest are compared as the weights are
+    read): an entirely wrong base fails in a second, not after a checkpoint's worth of writing."""
+    if checks.not_recorded and not checks.patches:
+        say(
+            f"[merge] the adapter records no base fingerprint ({len(checks.not_recorded)} layers; saved before "
+            "neuroada-plugin recorded them): the base weights cannot be checked against it"
+        )
+    if not checks.patches:
+        return
+    patch = checks.patches[0]
+    entry = base_ckpt.entries[patch.target]
+    with open(base_ckpt.tensors[patch.target].file, "rb") as handle:
+        patch.apply(read_tensor(handle, entry))
 
 
 def _size_change(base_ckpt: BaseCheckpoint, plan: dict[str, list[TensorPatch]]) -> int:

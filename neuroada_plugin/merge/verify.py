@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..base_fingerprint import OVERRIDE_ENV
+from ..errors import AdapterCheckpointError
 from .errors import CheckpointFileError
 from .plan import plan_merge, tied_embeddings, vocabulary_resize
 from .sources import BaseCheckpoint, load_adapter, scan_base_checkpoint
@@ -70,16 +72,27 @@ def _load(folder: Path, dtype: torch.dtype | str, what: str, vocab_size: int | N
     return model
 
 
-def _with_adapter(model, adapter: Path):
+def _with_adapter(model, adapter: Path, allow_base_mismatch: bool):
     from peft import PeftModel
 
+    saved = os.environ.get(OVERRIDE_ENV)
+    if allow_base_mismatch:
+        os.environ[OVERRIDE_ENV] = "1"  # what the layers read while PEFT loads the file
     try:
         return PeftModel.from_pretrained(model, adapter, low_cpu_mem_usage=True).eval()
+    except AdapterCheckpointError:
+        raise  # named already (e.g. the base fingerprint does not match)
     except Exception as error:
         raise CheckpointFileError(
             f"Adapter {adapter} cannot be attached to the base with PEFT ({type(error).__name__}: "
             f"{_first_line(error)})."
         ) from error
+    finally:
+        if allow_base_mismatch:
+            if saved is None:
+                os.environ.pop(OVERRIDE_ENV, None)
+            else:
+                os.environ[OVERRIDE_ENV] = saved
 
 
 def _first_line(error: BaseException) -> str:
@@ -101,6 +114,7 @@ def verify_merge(
     adapter: str | os.PathLike,
     merged: str | os.PathLike,
     *,
+    allow_base_mismatch: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Validate the inputs, run both checks; return a summary dict, raise :class:`VerificationError` on a mismatch.
@@ -122,7 +136,8 @@ def verify_merge(
     register_all()  # the adapter's method must be a PEFT method (normally done already by the start-up hook)
 
     log(f"[verify] in-memory merge_and_unload in {_name(dtype)} (the merged checkpoint's dtype), bit-exact comparison")
-    reference = _with_adapter(_load(base, dtype, "Base model", vocab_size), adapter).merge_and_unload()
+    reference = _with_adapter(_load(base, dtype, "Base model", vocab_size), adapter, allow_base_mismatch)
+    reference = reference.merge_and_unload()
     expected = {name: value.detach() for name, value in reference.state_dict().items()}
     vocab = reference.get_input_embeddings().weight.shape[0]
     del reference
@@ -149,7 +164,9 @@ def verify_merge(
         name
         for name in expected
         if name not in seen
-        and not (tied.get(name) in seen and tied[name] in expected and torch.equal(expected[name], expected[tied[name]]))
+        and not (
+            tied.get(name) in seen and tied[name] in expected and torch.equal(expected[name], expected[tied[name]])
+        )
     ]
     compared = len(seen) - len(problems["extra"])
     del expected
@@ -160,7 +177,7 @@ def verify_merge(
     log("[verify] logits of the unmerged adapter vs the merged checkpoint (float32)")
     ids = _input_ids(merged, vocab)
     with torch.no_grad():
-        adapted = _with_adapter(_load(base, torch.float32, "Base model", vocab_size), adapter)
+        adapted = _with_adapter(_load(base, torch.float32, "Base model", vocab_size), adapter, allow_base_mismatch)
         want_logits = adapted(input_ids=ids).logits
         del adapted
         gc.collect()

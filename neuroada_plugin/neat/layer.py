@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..base_fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
 from .config import NeatConfig
 from .functional import delta_weight, merged_weight, neat_delta, weight_features
 
@@ -19,7 +22,7 @@ class NeatLayer(nn.Module, BaseTunerLayer):
     when ``depth > 0``, ``neat_E`` / ``neat_D [depth, r, r]`` (encoder and decoder matrices, stacked)."""
 
     adapter_layer_names = ("neat_A", "neat_B", "neat_E", "neat_D")
-    other_param_names = ("neat_r", "neat_depth", "neat_act_fn", "neat_scaling")
+    other_param_names = ("neat_r", "neat_depth", "neat_act_fn", "neat_scaling", "neat_fingerprint")
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: NeatConfig) -> None:
         super().__init__()
@@ -32,6 +35,8 @@ class NeatLayer(nn.Module, BaseTunerLayer):
         self.neat_depth: dict[str, int] = {}
         self.neat_act_fn: dict[str, str] = {}
         self.neat_scaling: dict[str, float] = {}
+        # Per adapter, the fingerprint of the base weight it was created on (base_fingerprint.py).
+        self.neat_fingerprint = BufferDict({}, persistent=True)
         # The weight before the first merge: every merged adapter's update is a function of it,
         # and unmerge restores it bit for bit.
         self._original_weight: torch.Tensor | None = None
@@ -66,6 +71,11 @@ class NeatLayer(nn.Module, BaseTunerLayer):
         self.neat_depth[adapter_name] = depth
         self.neat_act_fn[adapter_name] = config.act_fn
         self.neat_scaling[adapter_name] = config.scaling
+        if weight.is_meta or config.inference_mode:  # loading: the file brings it (or is older than fingerprints)
+            fingerprint = not_recorded().to(weight.device)
+        else:
+            fingerprint = weight_fingerprint(weight).to(weight.device)
+        self.neat_fingerprint[adapter_name] = fingerprint
         self.set_adapter(self.active_adapters)
 
     def _tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -121,6 +131,24 @@ class NeatLayer(nn.Module, BaseTunerLayer):
             features = weight_features(weight, a, enc, dec, self.neat_act_fn[name])  # [r, in], once per forward
             result = result + neat_delta(x, features, b, self.neat_scaling[name]).to(result.dtype)
         return result
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        weight = self.get_base_layer().weight
+        layer = prefix.removeprefix("base_model.model.").rstrip(".")
+        check_loaded_fingerprints(
+            self,
+            state_dict,
+            prefix,
+            adapter_key="neat_A",
+            fingerprint_key="neat_fingerprint",
+            read_weight=(lambda: nullcontext(weight)) if readable_here(weight) else None,
+            where=f"NEAT layer {layer}",
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __repr__(self) -> str:
         return "neat." + super().__repr__()

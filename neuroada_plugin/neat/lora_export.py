@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from ..base_fingerprint import OVERRIDE_ENV, check_fingerprint, mismatch_allowed
 from ..errors import AdapterCheckpointError
-from ..merge.plan import group_by_module
+from ..merge.plan import group_by_module, split_fingerprint
 from ..merge.safetensors_io import read_tensor
 from ..merge.sources import (
     ADAPTER_CONFIG,
@@ -102,7 +103,7 @@ def neat_to_lora_tensors(
     lora: dict[str, torch.Tensor] = {}
     ranks = set()
     for path, module in modules.items():
-        tensors = read_neat_module(module)
+        tensors = read_neat_module(split_fingerprint(module)[0])
         lora_a, lora_b = lora_factors(base_weight(path), tensors)
         out_dtype = dtype or tensors.a.dtype
         lora[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_a.to(out_dtype)
@@ -224,9 +225,13 @@ def export_lora_checkpoint(
                 f"Adapter and base model do not match: NEAT layer {path} needs base tensor {name!r}, which base "
                 f"checkpoint {base_dir} does not contain (was the adapter trained on another model?)."
             )
-        check_base_weight(modules[path], read_neat_module(modules[path]), info)
+        module, recorded, _ = split_fingerprint(modules[path])
+        check_base_weight(module, read_neat_module(module), info)
         with open(info.file, "rb") as handle:
             weight = read_tensor(handle, base_ckpt.entries[name])
+        check_fingerprint(
+            recorded, weight, where=module.where, allow=mismatch_allowed(), override=f"set {OVERRIDE_ENV}=1"
+        )
         bar.update(1)
         return weight
 

@@ -11,7 +11,6 @@ SELECTIONS = ("magnitude", "smallest", "random")
 THETA_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-
 @dataclass
 class NeuroAdaConfig(MethodConfig):
     """Configuration for NeuroAda (Zhang et al., 2025): per-neuron top-k sparse bypass.

@@ -12,6 +12,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..base_fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
 from ..errors import AdapterCheckpointError
 from .config import NeuroAdaConfig
 from .csr_bypass import CSR_MIN_K, CsrPattern, csr_path_supported, csr_pattern
@@ -44,12 +45,14 @@ class NeuroAdaLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("neuroada_theta",)
-    other_param_names = ("neuroada_indices",)
+    other_param_names = ("neuroada_indices", "neuroada_fingerprint")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.neuroada_theta = nn.ParameterDict({})
         self.neuroada_indices = BufferDict({}, persistent=True)
+        # Per adapter, the fingerprint of the base weight it was created on (base_fingerprint.py).
+        self.neuroada_fingerprint = BufferDict({}, persistent=True)
         # Original values of the entries each merged adapter overwrote: unmerge restores
         # them bit for bit instead of subtracting theta (which rounds).
         self._merge_backup: dict[str, torch.Tensor] = {}
@@ -84,14 +87,17 @@ class NeuroAdaLayer(BaseTunerLayer):
             # PEFT is loading a saved adapter with low_cpu_mem_usage=True: the file's
             # indices will be assigned, so selection is not run at all.
             indices = torch.empty(self.out_features, k, dtype=torch.int64, device="meta")
+            fingerprint = not_recorded().to("meta")
         elif config.inference_mode:
             # PeftModel.from_pretrained (inference): the file's indices overwrite this
             # placeholder; -1 makes a file that somehow captured it fail validation loudly.
             indices = torch.full((self.out_features, k), -1, dtype=torch.int64, device=weight.device)
+            fingerprint = not_recorded().to(weight.device)  # the file's, or "not recorded" for an older file
             self._pending_selection[adapter_name] = config
         else:
-            indices = self._select(config, module_name)
+            indices, fingerprint = self._select(config, module_name)
         self.neuroada_indices[adapter_name] = indices
+        self.neuroada_fingerprint[adapter_name] = fingerprint
         self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
@@ -103,7 +109,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         target = device if device is not None else self.get_base_layer().weight.device
         if target.type == "meta":
             return
-        for container in (self.neuroada_theta, self.neuroada_indices):
+        for container in (self.neuroada_theta, self.neuroada_indices, self.neuroada_fingerprint):
             if adapter_name in container and not container[adapter_name].is_meta:
                 value = container[adapter_name]
                 if isinstance(value, nn.Parameter):
@@ -117,11 +123,12 @@ class NeuroAdaLayer(BaseTunerLayer):
     def _resolve_pending_selection(self) -> None:
         """Run the deferred selections that no loaded file supplied (from the unmerged weight)."""
         for name, config in list(self._pending_selection.items()):
-            self.neuroada_indices[name] = self._select(config, getattr(self, "_neuroada_module_name", ""))
+            indices, fingerprint = self._select(config, getattr(self, "_neuroada_module_name", ""))
+            self.neuroada_indices[name], self.neuroada_fingerprint[name] = indices, fingerprint
             del self._pending_selection[name]
 
-    def _select(self, config: NeuroAdaConfig, module_name: str) -> torch.Tensor:
-        """Indices ``[out, k]`` selected from the full base weight.
+    def _select(self, config: NeuroAdaConfig, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``[out, k]`` selected from the full base weight, and that weight's fingerprint.
 
         With a ZeRO-3 partitioned weight the gather in :meth:`_weight_for_reading` is a collective
         that every rank enters, and rank 0's indices are then broadcast so that all ranks hold
@@ -129,10 +136,11 @@ class NeuroAdaLayer(BaseTunerLayer):
         """
         with self._weight_for_reading() as weight:
             indices = select_connections(weight, config.top_k, config.selection, seed=config.seed, salt=module_name)
+            fingerprint = weight_fingerprint(weight).to(indices.device)
         base_weight = self.get_base_layer().weight
         if is_partitioned(base_weight):
             indices = agree_across_ranks(indices, like=base_weight, where=module_name or self._layer_name())
-        return indices
+        return indices, fingerprint
 
     @contextmanager
     def _weight_for_reading(self) -> Iterator[torch.Tensor]:
@@ -336,6 +344,17 @@ class Linear(nn.Module, NeuroAdaLayer):
                     "before deepspeed.initialize / accelerator.prepare (as Trainer, TRL and Axolotl do), load it under "
                     "a new adapter name, or resume from the DeepSpeed checkpoint."
                 )
+        # After the shape checks: a file for another architecture is named as such, not as another base.
+        weight = self.get_base_layer().weight
+        check_loaded_fingerprints(
+            self,
+            state_dict,
+            prefix,
+            adapter_key="neuroada_theta",
+            fingerprint_key="neuroada_fingerprint",
+            read_weight=self._weight_for_reading if readable_here(weight) else None,
+            where=f"NeuroAda {where}",
+        )
 
     def __repr__(self) -> str:
         return "neuroada." + super().__repr__()
