@@ -312,6 +312,55 @@ def test_merge_lora_writes_plain_checkpoint_with_adapter_logits(
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_a_run_that_adds_a_pad_token_merges_verifies_and_equals_axolotl_merge_lora(
+    workdir, tiny_llama_dir, data_files, tmp_path
+):
+    """Axolotl's own lora-1b.yml sets ``special_tokens: {pad_token: "<|end_of_text|>"}``, which the SmolLM2
+    tokenizer lacks: Axolotl resizes the vocabulary and the adapter saves both embedding layers whole.
+    ``neuroada-plugin merge`` and ``verify`` take it, and equal ``axolotl merge-lora`` tensor for tensor."""
+    from neuroada_plugin.cli import main as plugin_main
+
+    config = _write_config(
+        "tiny_sft",
+        workdir,
+        tiny_llama_dir,
+        data_files["messages"],
+        special_tokens={"pad_token": "<|end_of_text|>"},
+        max_steps=2,
+        output_dir=str(workdir / "out-pad-token"),
+        dataset_prepared_path=str(workdir / "prepared-pad-token"),
+    )
+    process = _run([str(AXOLOTL_BIN), "train", str(config), "--launcher", "python"], cwd=workdir)
+    assert process.returncode == 0, f"axolotl train failed:\n{_tail(process)}"
+    output_dir = workdir / "out-pad-token"
+    saved = load_file(output_dir / "adapter_model.safetensors")
+    vocab = len(AutoTokenizer.from_pretrained(output_dir))
+    assert vocab == 49153 and saved["base_model.model.model.embed_tokens.weight"].shape[0] == vocab
+
+    merged = tmp_path / "merged"
+    assert (
+        plugin_main(
+            ["merge", "--base", str(tiny_llama_dir), "--adapter", str(output_dir), "--output", str(merged), "-q"]
+        )
+        == 0
+    )
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == vocab
+    assert AutoTokenizer.from_pretrained(merged).pad_token == "<|end_of_text|>"
+    assert (
+        plugin_main(
+            ["verify", "--base", str(tiny_llama_dir), "--adapter", str(output_dir), "--merged", str(merged), "-q"]
+        )
+        == 0
+    )
+
+    process = _run([str(AXOLOTL_BIN), "merge-lora", str(config)], cwd=workdir)
+    assert process.returncode == 0, f"axolotl merge-lora failed:\n{_tail(process)}"
+    theirs, ours = load_file(output_dir / "merged" / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert set(theirs) == set(ours)
+    for key, tensor in theirs.items():
+        assert tensor.dtype == ours[key].dtype and torch.equal(tensor, ours[key]), key
+
+
 def test_lora_model_dir_loads_the_saved_adapter_trainable(sft_run, workdir):
     """``lora_model_dir`` continues from the saved values (not a fresh zero adapter), through the plugin's loader."""
     config, _ = sft_run

