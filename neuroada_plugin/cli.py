@@ -85,6 +85,17 @@ def _methods_text(indent: str = "  ") -> str:
     return "\n".join(lines) or f"{indent}(none registered)"
 
 
+def _add_allow_base_mismatch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="Merge/check even where the base weights are not the ones the adapter was created on. Each adapter "
+        "records a fingerprint of every adapted base weight; a base whose fingerprint is far from it (another model "
+        "of the same shapes) is refused by default (exit 2, nothing written). The same model in another dtype, or its "
+        "full-precision original for an adapter trained on a 4-bit base, is accepted without this flag.",
+    )
+
+
 def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base",
@@ -124,14 +135,7 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
         "in-memory merge_and_unload() bit for bit and (2) float32 logits of the merged model match the unmerged "
         "adapter. On a mismatch nothing is written (exit code 1).",
     )
-    parser.add_argument(
-        "--allow-base-mismatch",
-        action="store_true",
-        help="Merge/check even where the base weights are not the ones the adapter was created on. Each adapter "
-        "records a fingerprint of every adapted base weight; a base whose fingerprint is far from it (another model "
-        "of the same shapes) is refused by default (exit 2, nothing written). The same model in another dtype, or its "
-        "full-precision original for an adapter trained on a 4-bit base, is accepted without this flag.",
-    )
+    _add_allow_base_mismatch(parser)
     parser.add_argument("--no-progress", action="store_true", help="Do not show the progress bar.")
     parser.add_argument("--quiet", "-q", action="store_true", help="Print only errors (implies --no-progress).")
 
@@ -180,14 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--base", required=True, metavar="BASE", help="Base model folder (or hub repo id).")
     verify.add_argument("--adapter", required=True, metavar="ADAPTER", help="Adapter folder (or hub repo id).")
     verify.add_argument("--merged", required=True, metavar="MERGED", help="Merged checkpoint folder to check.")
-    verify.add_argument(
-        "--allow-base-mismatch",
-        action="store_true",
-        help="Merge/check even where the base weights are not the ones the adapter was created on. Each adapter "
-        "records a fingerprint of every adapted base weight; a base whose fingerprint is far from it (another model "
-        "of the same shapes) is refused by default (exit 2, nothing written). The same model in another dtype, or its "
-        "full-precision original for an adapter trained on a 4-bit base, is accepted without this flag.",
-    )
+    _add_allow_base_mismatch(verify)
     verify.add_argument("--quiet", "-q", action="store_true", help="Print only the result and errors.")
     verify.set_defaults(func=_run_verify, error_prog=f"{PROG} verify")
 
@@ -217,17 +214,22 @@ def fail(prog: str, error: BaseException, code: int) -> int:
     return code
 
 
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """What ``merge`` and ``verify`` report as bad input (exit 2): messages that say what to fix."""
+    from .errors import AdapterCheckpointError, MergeError
+    from .merge.errors import CheckpointFileError, UnsupportedAdapterError
+
+    return (AdapterCheckpointError, CheckpointFileError, UnsupportedAdapterError, MergeError, ValueError, OSError)
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     prog = args.error_prog
     # SIGTERM becomes SystemExit so the staging folder is removed on the way out.
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        from .errors import AdapterCheckpointError, MergeError
         from .merge.errors import (
-            CheckpointFileError,
             InsufficientSpaceError,
             OutputExistsError,
-            UnsupportedAdapterError,
         )
         from .merge.streaming import merge_adapter_checkpoint
         from .merge.verify import VerificationError
@@ -251,14 +253,7 @@ def _run_merge(args: argparse.Namespace) -> int:
             return fail(prog, error, 4)
         except VerificationError as error:
             return fail(prog, error, 1)
-        except (
-            AdapterCheckpointError,
-            CheckpointFileError,
-            UnsupportedAdapterError,
-            MergeError,
-            ValueError,
-            FileNotFoundError,
-        ) as error:
+        except _bad_input_errors() as error:
             return fail(prog, error, 2)
         except KeyboardInterrupt:
             print(f"{prog}: interrupted; partial output removed.", file=sys.stderr)
@@ -271,8 +266,6 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .errors import AdapterCheckpointError, MergeError
-    from .merge.errors import CheckpointFileError, UnsupportedAdapterError
     from .merge.sources import resolve_folder
     from .merge.verify import VerificationError, verify_merge
 
@@ -285,14 +278,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         result = verify_merge(base, adapter, merged, allow_base_mismatch=args.allow_base_mismatch, log=log)
     except VerificationError as error:
         return fail(prog, error, 1)
-    except (
-        AdapterCheckpointError,
-        CheckpointFileError,
-        UnsupportedAdapterError,
-        MergeError,
-        ValueError,
-        OSError,
-    ) as error:
+    except _bad_input_errors() as error:
         return fail(prog, error, 2)
     print(f"verified {merged}: {result['summary']}")
     return 0
