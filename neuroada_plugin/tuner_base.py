@@ -9,8 +9,8 @@ in a *new* ``Parameter`` with ``requires_grad=True``: a frozen, inactive or infe
 would silently become trainable. :class:`ParameterDictTuner` restores every flag after the cast.
 
 It also raises, after a load, the base-fingerprint mismatches its layers noted
-(:mod:`neuroada_plugin.base_fingerprint`), and guards the model's bitsandbytes 4-bit layers against bitsandbytes' CPU-packed layout
-(:mod:`neuroada_plugin.bnb_cpu_layout`) while the adapter is attached, targeted or not: a gradient
+(:mod:`neuroada_plugin.kit.fingerprint`), and guards the model's bitsandbytes 4-bit layers against bitsandbytes' CPU-packed layout
+(:mod:`neuroada_plugin.kit.bnb_cpu_layout`) while the adapter is attached, targeted or not: a gradient
 through any frozen 4-bit layer reaches the adapters below it, and saving must not corrupt any.
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .base_fingerprint import raise_pending_mismatches
-from .bnb_cpu_layout import guard_4bit_layers, unguard_4bit_layers
+from .kit.bnb_cpu_layout import guard_4bit_layers, unguard_4bit_layers
+from .kit.fingerprint import raise_pending_mismatches
 
 __all__ = ["ParameterDictTuner"]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 
-from neuroada_plugin.bnb_cpu_layout import is_packed_for_cpu, standard_4bit_state
+from neuroada_plugin.kit.bnb_cpu_layout import is_packed_for_cpu, standard_4bit_state
 
 PACKING_CPU = bool(has_avx512bf16())
 NO_PACKING_REASON = "bitsandbytes packs 4-bit weights only on CPUs with AVX512-BF16; this CPU never has that layout"

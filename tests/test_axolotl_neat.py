@@ -40,7 +40,7 @@ from test_axolotl import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from neuroada_plugin.base_fingerprint import fingerprint_distance, weight_fingerprint
+from neuroada_plugin.kit.fingerprint import fingerprint_distance, weight_fingerprint
 
 from common import commonsense
 

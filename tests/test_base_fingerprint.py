@@ -1,4 +1,4 @@
-"""Wrong-base detection (neuroada_plugin/base_fingerprint.py), for every registered method with a streaming merge.
+"""Wrong-base detection (neuroada_plugin/kit/fingerprint.py), for every registered method with a streaming merge.
 
 An adapter records a fingerprint of each adapted base weight when it is created; ``merge``, ``verify`` and PEFT
 loading compare it with the weights they see. Checked here against what a user meets: the README's quick start
@@ -19,14 +19,14 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from neuroada_plugin.base_fingerprint import (
+from neuroada_plugin.cli import main as plugin_main
+from neuroada_plugin.kit.fingerprint import (
     OVERRIDE_ENV,
     TOLERANCE,
     BaseMismatchError,
     fingerprint_distance,
     weight_fingerprint,
 )
-from neuroada_plugin.cli import main as plugin_main
 from neuroada_plugin.registry import methods
 
 from tiny_models import tiny_llama

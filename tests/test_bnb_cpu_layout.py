@@ -1,4 +1,4 @@
-"""Reading and undoing bitsandbytes' CPU-packed 4-bit layout (neuroada_plugin/bnb_cpu_layout.py), on any CPU.
+"""Reading and undoing bitsandbytes' CPU-packed 4-bit layout (neuroada_plugin/kit/bnb_cpu_layout.py), on any CPU.
 
 The layout is produced here by bitsandbytes' own conversion (``_convert_weight_packed_for_cpu``, what
 ``Linear4bit.forward`` calls on CPUs with AVX512-BF16), which is pure torch, so these checks run on
@@ -15,7 +15,7 @@ import pytest
 import torch
 from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
 
-from neuroada_plugin.bnb_cpu_layout import (
+from neuroada_plugin.kit.bnb_cpu_layout import (
     guard_4bit_layers,
     is_packed_for_cpu,
     restore_standard_layout_,

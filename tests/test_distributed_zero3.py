@@ -145,7 +145,8 @@ def test_adapter_loads_onto_a_zero3_model_and_merge_and_unload_is_exact(zero3):
 
 def test_single_process_model_is_untouched_by_the_helpers(tiny_llama_dir):
     """Without DeepSpeed the ZeRO-3 paths are no-ops: same indices as selection on the plain weight."""
-    from neuroada_plugin.neuroada.distributed import check_rank_agreement, full_shape, gathered, is_partitioned
+    from neuroada_plugin.kit.sharded import full_shape, gathered, is_partitioned
+    from neuroada_plugin.neuroada.distributed import check_rank_agreement
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), peft_config())
     layer = model.base_model.model.model.layers[0].self_attn.q_proj

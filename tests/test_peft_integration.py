@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
-from neuroada_plugin.base_fingerprint import weight_fingerprint
+from neuroada_plugin.kit.fingerprint import weight_fingerprint
 
 from tiny_models import tiny_llama
 

@@ -29,9 +29,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
-from neuroada_plugin.bnb_cpu_layout import is_packed_for_cpu
 from neuroada_plugin.errors import UnsupportedTargetError
-from neuroada_plugin.neuroada.bnb import QuantizedLinear, dequantize_weight
+from neuroada_plugin.kit.bnb_cpu_layout import is_packed_for_cpu
+from neuroada_plugin.kit.quantized import dequantize_weight
+from neuroada_plugin.neuroada.bnb import QuantizedLinear
 
 from bnb_layouts import (
     LAYOUTS,

@@ -28,7 +28,7 @@ from test_axolotl import (
 )
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from neuroada_plugin.neuroada.bnb import dequantize_weight
+from neuroada_plugin.kit.quantized import dequantize_weight
 
 from common import commonsense
 

@@ -22,8 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
-from neuroada_plugin.bnb_cpu_layout import is_packed_for_cpu, standard_4bit_state
-from neuroada_plugin.neuroada.bnb import Linear4bit, dequantize_weight
+from neuroada_plugin.kit.bnb_cpu_layout import is_packed_for_cpu, standard_4bit_state
+from neuroada_plugin.kit.quantized import dequantize_weight
+from neuroada_plugin.neuroada.bnb import Linear4bit
 
 from bnb_layouts import LAYOUTS, keep_standard_layout, linear4bit_layers, standard_bytes
 from common import commonsense as cs

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from neuroada_plugin.base_fingerprint import weight_fingerprint
+from neuroada_plugin.kit.fingerprint import weight_fingerprint
 from neuroada_plugin.neat import NeatConfig
 
 from common import commonsense as cs

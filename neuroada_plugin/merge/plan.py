@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..base_fingerprint import TOLERANCE, check_fingerprint, is_recorded
 from ..errors import AdapterCheckpointError
+from ..kit.fingerprint import TOLERANCE, check_fingerprint, is_recorded
 from ..registry import MethodSpec
 from .rules import FINGERPRINT_PARAM, AdapterModule, TensorPatch, get_checkpoint_rule, method_for_adapter
 from .sources import ADAPTER_CONFIG, AdapterCheckpoint, BaseCheckpoint
@@ -84,10 +84,10 @@ def group_by_module(adapter: AdapterCheckpoint, prefix: str) -> dict[str, Adapte
 
 @dataclass
 class FingerprintChecks:
-    """The base-fingerprint comparisons of one merge (base_fingerprint.py), run as the base weights are read.
+    """The base-fingerprint comparisons of one merge (kit/fingerprint.py), run as the base weights are read.
 
     Each is a patch that computes the fingerprint of the tensor it receives (before any change) and
-    raises :class:`~neuroada_plugin.base_fingerprint.BaseMismatchError` unless ``allow``.
+    raises :class:`~neuroada_plugin.kit.fingerprint.BaseMismatchError` unless ``allow``.
     """
 
     allow: bool = False

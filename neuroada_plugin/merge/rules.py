@@ -109,7 +109,7 @@ class CheckpointRule(Protocol):
     def __call__(self, module: AdapterModule, base_tensors: Mapping[str, BaseTensorInfo]) -> Iterable[TensorPatch]: ...
 
 
-# ``<module>.<prefix>fingerprint``: the base weight's fingerprint (neuroada_plugin/base_fingerprint.py). The
+# ``<module>.<prefix>fingerprint``: the base weight's fingerprint (neuroada_plugin/kit/fingerprint.py). The
 # engine checks it and never hands it to a rule.
 FINGERPRINT_PARAM = "fingerprint"
 

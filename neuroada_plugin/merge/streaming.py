@@ -102,8 +102,8 @@ def merge_adapter_checkpoint(
             (loads the whole model with PEFT; see :mod:`.verify`). A failed verification raises
             :class:`~.verify.VerificationError` and leaves no output.
         allow_base_mismatch: Merge even where the base weights' fingerprint differs from the one the adapter
-            recorded when it was created (:mod:`neuroada_plugin.base_fingerprint`); otherwise that is a
-            :class:`~neuroada_plugin.base_fingerprint.BaseMismatchError` and nothing is written.
+            recorded when it was created (:mod:`neuroada_plugin.kit.fingerprint`); otherwise that is a
+            :class:`~neuroada_plugin.kit.fingerprint.BaseMismatchError` and nothing is written.
         log: Callable for progress messages (``None``: silent).
 
     Returns:

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ..base_fingerprint import OVERRIDE_ENV
 from ..errors import AdapterCheckpointError
+from ..kit.fingerprint import OVERRIDE_ENV
 from .errors import CheckpointFileError
 from .plan import plan_merge, tied_embeddings, vocabulary_resize
 from .sources import BaseCheckpoint, load_adapter, scan_base_checkpoint

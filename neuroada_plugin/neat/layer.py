@@ -12,7 +12,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..base_fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
+from ..kit.fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
 from .config import NeatConfig
 from .functional import delta_weight, merged_weight, neat_delta, weight_features
 
@@ -35,7 +35,7 @@ class NeatLayer(nn.Module, BaseTunerLayer):
         self.neat_depth: dict[str, int] = {}
         self.neat_act_fn: dict[str, str] = {}
         self.neat_scaling: dict[str, float] = {}
-        # Per adapter, the fingerprint of the base weight it was created on (base_fingerprint.py).
+        # Per adapter, the fingerprint of the base weight it was created on (kit/fingerprint.py).
         self.neat_fingerprint = BufferDict({}, persistent=True)
         # The weight before the first merge: every merged adapter's update is a function of it,
         # and unmerge restores it bit for bit.

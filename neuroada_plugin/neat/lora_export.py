@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..base_fingerprint import OVERRIDE_ENV, check_fingerprint, mismatch_allowed
 from ..errors import AdapterCheckpointError
+from ..kit.fingerprint import OVERRIDE_ENV, check_fingerprint, mismatch_allowed
 from ..merge.plan import group_by_module, split_fingerprint
 from ..merge.safetensors_io import read_tensor
 from ..merge.sources import (

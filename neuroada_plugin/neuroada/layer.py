@@ -12,11 +12,11 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..base_fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
 from ..errors import AdapterCheckpointError
+from ..kit.fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
+from ..kit.sharded import agree_across_ranks, full_shape, gathered, is_partitioned
 from .config import NeuroAdaConfig
 from .csr_bypass import CSR_MIN_K, CsrPattern, csr_path_supported, csr_pattern
-from .distributed import agree_across_ranks, full_shape, gathered, is_partitioned
 from .functional import compact_columns, sparse_bypass
 from .selection import select_connections
 from .validation import check_fits, check_indices, check_theta, index_span, merge_values, put_entries_
@@ -51,7 +51,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.neuroada_theta = nn.ParameterDict({})
         self.neuroada_indices = BufferDict({}, persistent=True)
-        # Per adapter, the fingerprint of the base weight it was created on (base_fingerprint.py).
+        # Per adapter, the fingerprint of the base weight it was created on (kit/fingerprint.py).
         self.neuroada_fingerprint = BufferDict({}, persistent=True)
         # Original values of the entries each merged adapter overwrote: unmerge restores
         # them bit for bit instead of subtracting theta (which rounds).

@@ -10,8 +10,9 @@ from torch import nn
 
 from ..config_base import DEFAULT_TARGET_MODULES
 from ..errors import AdapterCheckpointError, UnsupportedTargetError
+from ..kit.quantized import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind
 from ..tuner_base import ParameterDictTuner
-from .bnb import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind, dispatch_bnb
+from .bnb import dispatch_bnb
 from .config import NeuroAdaConfig
 from .layer import Linear, NeuroAdaLayer
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from neuroada_plugin.neuroada.distributed import RankDisagreementError, agree_across_ranks, check_rank_agreement
+from neuroada_plugin.kit.sharded import agree_across_ranks
+from neuroada_plugin.neuroada.distributed import RankDisagreementError, check_rank_agreement
 from tests.distributed.common import LR, STEPS, indices_of, peft_config, rank_batch, theta_of, write_rank_results
 
 

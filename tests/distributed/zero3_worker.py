@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from neuroada_plugin.errors import AdapterCheckpointError
-from neuroada_plugin.neuroada.distributed import check_rank_agreement, is_partitioned
+from neuroada_plugin.kit.sharded import is_partitioned
+from neuroada_plugin.neuroada.distributed import check_rank_agreement
 from tests.distributed.common import LR, MICRO, STEPS, indices_of, peft_config, rank_batch, write_rank_results
 
 

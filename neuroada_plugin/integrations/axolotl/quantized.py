@@ -90,7 +90,7 @@ def prepare_quantized_model(specs: Iterable[MethodSpec], cfg: Any, model: Any) -
         )
     from peft import prepare_model_for_kbit_training
 
-    from ...neuroada.bnb import bnb_layer_kind
+    from ...kit.quantized import bnb_layer_kind
 
     kinds: dict[str, int] = {}
     for module in model.modules():

@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from .errors import AdapterCheckpointError
+from ..errors import AdapterCheckpointError
 
 __all__ = [
     "FINGERPRINT_SIZE",

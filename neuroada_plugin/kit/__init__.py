@@ -1,0 +1,9 @@
+"""The method kit: what every method builds on, so that a method folder holds only its own math.
+
+* :mod:`.sharded`: a DeepSpeed ZeRO-3 partitioned weight's full shape and values, one layer at a time.
+* :mod:`.quantized`: bitsandbytes 4-bit/8-bit layers and their weight as a float tensor;
+  :mod:`.bnb_cpu_layout`: bitsandbytes' CPU-packed 4-bit layout, read and undone exactly.
+* :mod:`.fingerprint`: the base-weight fingerprint every adapter records (wrong-base detection).
+
+Importing this package imports nothing; each module imports torch (and only torch) when used.
+"""
