@@ -1,14 +1,15 @@
 """The PEFT config base every method of this package derives from, and the default target modules.
 
-Each method's config does the same three things after PEFT's own ``__post_init__``: make sure the
-method is registered with PEFT (whatever was imported first), check its own fields, and turn
-target lists into sets as PEFT's configs do. :class:`MethodConfig` does them once; a method sets
-``method_name`` and writes ``_validate``.
+Every method's config shares the targeting fields (which modules, which layers, what else to
+save) and does the same things after PEFT's own ``__post_init__``: make sure the method is
+registered with PEFT (whatever was imported first), check its fields, and turn target lists into
+sets as PEFT's configs do. :class:`MethodConfig` holds all of it; a method sets ``method_name``,
+declares its own fields and writes ``_validate`` for them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from peft.config import PeftConfig
@@ -56,9 +57,34 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 @dataclass
 class MethodConfig(PeftConfig):
-    """``PeftConfig`` of a registered method: registers it with PEFT, validates, normalises the target lists."""
+    """``PeftConfig`` of a registered method: the fields every method shares, registration with PEFT, validation.
+
+    A method's config sets ``method_name``, declares its own fields and writes ``_validate`` for them;
+    the targeting fields below (help text, checks, list -> set) are the same for every method. A
+    method may redeclare one of them to say what it means for that method (``init_weights``).
+    """
 
     method_name: ClassVar[str] = ""  # the registry name ("neuroada", "neat")
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names or regex to adapt; None: attention+MLP projections; 'all-linear' accepted."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or regex never to adapt."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the ModuleList of layers, used with layers_to_transform."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Start as the base model (True) or from random adapter values (False)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,10 +92,25 @@ class MethodConfig(PeftConfig):
 
         # Creating a config always leaves the method registered with PEFT, whatever was imported first.
         self.peft_type = ensure_registered(self.method_name)
+        self._validate_targets()
         self._validate()
         for name in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, name, None), list):
                 setattr(self, name, set(getattr(self, name)))
+
+    def _validate_targets(self) -> None:
+        """The checks of the shared fields, named with the method's config class."""
+        name = type(self).__name__
+        if isinstance(self.target_modules, str) and self.target_modules.strip() == "":
+            raise ValueError(f"{name}.target_modules is an empty string; use None for the default targets.")
+        if isinstance(self.target_modules, (list, set)) and not self.target_modules:
+            raise ValueError(f"{name}.target_modules is empty: nothing would be adapted.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{name}.layers_pattern only makes sense together with layers_to_transform.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be combined with a regex target_modules string.")
+        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
+            raise ValueError(f"{name}.modules_to_save must be a list of module names, not a string.")
 
     def _validate(self) -> None:
         """Raise ``ValueError`` naming the field and what is allowed (the method's own checks)."""

@@ -36,25 +36,9 @@ class NeatConfig(MethodConfig):
         metadata={"help": f"Activation of the weight network (ACT2FN names): one of {', '.join(sorted(ACTIVATIONS))}."},
     )
     scaling: float = field(default=1.0, metadata={"help": "Multiplier s of the update dW = s * B @ act(A @ W0)."})
-    target_modules: list[str] | str | None = field(
-        default=None,
-        metadata={"help": "Module names or regex to adapt; None: attention+MLP projections; 'all-linear' accepted."},
-    )
-    exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or regex never to adapt."}
-    )
-    layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
-    )
-    layers_pattern: list[str] | str | None = field(
-        default=None, metadata={"help": "Name of the ModuleList of layers, used with layers_to_transform."}
-    )
     init_weights: bool = field(
         default=True,
         metadata={"help": "Zero-initialise B so the model starts as the base (True), or draw B at random (False)."},
-    )
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
 
     def _validate(self) -> None:
@@ -73,13 +57,4 @@ class NeatConfig(MethodConfig):
         self.scaling = float(self.scaling)
         if self.scaling != self.scaling or self.scaling in (float("inf"), float("-inf")):
             raise ValueError(f"NeatConfig.scaling must be finite, got {self.scaling!r}.")
-        if isinstance(self.target_modules, str) and self.target_modules.strip() == "":
-            raise ValueError("NeatConfig.target_modules is an empty string; use None for the default targets.")
-        if isinstance(self.target_modules, (list, set)) and not self.target_modules:
-            raise ValueError("NeatConfig.target_modules is empty: nothing would be adapted.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("NeatConfig.layers_pattern only makes sense together with layers_to_transform.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be combined with a regex target_modules string.")
-        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
-            raise ValueError("NeatConfig.modules_to_save must be a list of module names, not a string.")
+

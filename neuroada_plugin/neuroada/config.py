@@ -52,19 +52,6 @@ class NeuroAdaConfig(MethodConfig):
         default=1,
         metadata={"help": "Input connections trained per output neuron (1: ~0.02% params; 20: ~0.4%).", "ge": 1},
     )
-    target_modules: list[str] | str | None = field(
-        default=None,
-        metadata={"help": "Module names or regex to adapt; None: attention+MLP projections; 'all-linear' accepted."},
-    )
-    exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or regex never to adapt."}
-    )
-    layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
-    )
-    layers_pattern: list[str] | str | None = field(
-        default=None, metadata={"help": "Name of the ModuleList of layers, used with layers_to_transform."}
-    )
     selection: Literal["magnitude", "smallest", "random"] = field(
         default="magnitude",
         metadata={"help": "'magnitude' (paper): top-|W| per row; 'smallest' and seeded 'random' are ablations."},
@@ -79,9 +66,6 @@ class NeuroAdaConfig(MethodConfig):
     )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise theta (True, paper) or draw small random values (False)."}
-    )
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Token ids whose embedding rows are trainable (set by TRL on added tokens)."}
@@ -104,16 +88,6 @@ class NeuroAdaConfig(MethodConfig):
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"NeuroAdaConfig.seed must be an integer, got {self.seed!r}.")
-        if isinstance(self.target_modules, str) and self.target_modules.strip() == "":
-            raise ValueError("NeuroAdaConfig.target_modules is an empty string; use None for the default targets.")
-        if isinstance(self.target_modules, (list, set)) and not self.target_modules:
-            raise ValueError("NeuroAdaConfig.target_modules is empty: nothing would be adapted.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("NeuroAdaConfig.layers_pattern only makes sense together with layers_to_transform.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be combined with a regex target_modules string.")
-        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
-            raise ValueError("NeuroAdaConfig.modules_to_save must be a list of module names, not a string.")
         if self.trainable_token_indices is not None and not isinstance(self.trainable_token_indices, (list, dict)):
             raise ValueError(
                 "NeuroAdaConfig.trainable_token_indices must be a list of token ids or a dict "
