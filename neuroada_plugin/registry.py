@@ -114,6 +114,14 @@ class MethodSpec:
         return self.name.upper()
 
     @property
+    def display_name(self) -> str:
+        """How messages and reports name the method: ``title``, else the config class's name without ``Config``."""
+        if self.title:
+            return self.title
+        class_name = self.config.rpartition(":")[2] if ":" in self.config else self.config.rpartition(".")[2]
+        return class_name.removesuffix("Config") or self.name
+
+    @property
     def prefix(self) -> str:
         """The PEFT parameter prefix (``"neuroada_"``); never part of a base-model parameter name."""
         return f"{self.name}_"

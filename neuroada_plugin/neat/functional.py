@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..kit.merge_checks import checked_finite
+
 __all__ = ["ACTIVATIONS", "activation", "delta_weight", "merged_weight", "neat_delta", "weight_features"]
 
 
@@ -138,14 +140,13 @@ def merged_weight(
     decoders: torch.Tensor | None,
     act: str,
     scaling: float,
+    what: str = "a NEAT adapter",
 ) -> torch.Tensor:
-    """``current + dW(original)`` computed in float32, returned in ``current``'s dtype.
+    """``current + dW(original)`` computed in float32, returned in ``current``'s dtype (:class:`MergeError` for NaN/inf).
 
     ``original`` is the weight before any adapter was merged: NEAT's update is a function of it,
     so a second adapter merged on top still reads the pre-merge weight.
     """
     delta = delta_weight(original, a, b, encoders, decoders, act, scaling)
-    merged = current.to(torch.float32) + delta
-    if not torch.isfinite(merged).all():
-        raise ValueError("NEAT merge produced non-finite values; the adapter seems to be broken.")
-    return merged.to(current.dtype)
+    merged = (current.to(torch.float32) + delta).to(current.dtype)
+    return checked_finite(merged, what=what)

@@ -6,7 +6,7 @@ changes there (:class:`~.layer.Linear`'s forward is used as it is). What differs
 the weight:
 
 * selection reads the *dequantized* weight, one layer at a time, for the duration of the read
-  (:meth:`QuantizedLinear._weight_for_reading`); the indices are saved with the adapter as
+  (:meth:`~neuroada_plugin.kit.layer.MethodLayer.read_weight`); the indices are saved with the adapter as
   always, so the adapter does not depend on the quantization;
 * ``merge`` dequantizes the layer, adds theta at the selected entries and re-quantizes it (with a
   warning: re-quantizing rounds, so the merged layer is not exactly base + theta). ``unmerge``
@@ -21,17 +21,15 @@ Reading a quantized weight (both bitsandbytes 4-bit CPU layouts included) is sha
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..kit.quantized import bnb_layer_kind, dequantize_weight
+from ..kit.quantized import bnb_layer_kind
 from .config import NeuroAdaConfig
-from .layer import Linear, NeuroAdaLayer
+from .layer import Linear
 from .validation import merge_values, put_entries_
 
 __all__ = ["Linear4bit", "Linear8bitLt", "QuantizedLinear", "dispatch_bnb"]
@@ -45,78 +43,49 @@ class QuantizedLinear(Linear):
 
     quantization = ""  # key of SUPPORTED_QUANTIZED_LAYERS
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
-        nn.Module.__init__(self)
-        NeuroAdaLayer.__init__(self, base_layer)
-        # A packed 4-bit weight is [n_bytes, 1]: the layer's own features are the logical shape.
-        base = self.get_base_layer()
-        self.out_features, self.in_features = base.out_features, base.in_features
-        self._neuroada_module_name = module_name
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_name=module_name)
-
-    @contextmanager
-    def _weight_for_reading(self) -> Iterator[torch.Tensor]:
-        """The dequantized ``[out, in]`` weight of this layer only, freed when the read ends."""
-        weight = dequantize_weight(self.get_base_layer())
-        try:
-            yield weight
-        finally:
-            del weight
-
     # -- merging: dequantize, add, re-quantize ------------------------------------------------------------
 
     def _merge_plan(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices, current values and merged values of the entries adapter ``name`` touches in ``weight``
-        (the *dequantized* weight: :meth:`_weight_for_reading`)."""
+        (the *dequantized* weight: :meth:`read_weight`)."""
         indices = self._checked_indices(name).to(weight.device)
         original = weight.gather(1, indices)
         updated = merge_values(
             original,
             self.neuroada_theta[name].detach().to(weight.device),
-            what=f"NeuroAda adapter {name!r} into the {self.quantization} layer {self._layer_name()}",
+            what=f"NeuroAda adapter {name!r} into the {self.quantization} layer {self.layer_name()}",
             outcome="Nothing was merged.",
         )
         return indices, original, updated
 
-    def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        """Raise :class:`MergeError` if merging ``adapter_names`` would write NaN/inf; changes nothing."""
-        wanted = adapter_names if adapter_names is not None else self.active_adapters
-        names = [n for n in wanted if n in self.neuroada_theta and n not in self.merged_adapters]
-        if names:
-            with self._weight_for_reading() as dense:
-                for name in names:
-                    self._merge_plan(name, dense)
+    def check_merge_values(self, adapter_names: list[str]) -> None:
+        with self.read_weight() as dense:
+            for name in adapter_names:
+                self._merge_plan(name, dense)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def merge_into_weight(self, adapter_names: list[str]) -> None:
         """Dequantize, write ``W[i, idx[i, j]] += theta[i, j]``, re-quantize (warns: re-quantizing rounds).
 
-        NaN/inf are checked before anything is replaced. The quantized weight in place before
-        each merge is kept, so :meth:`unmerge` restores it exactly.
+        The quantized weight in place before each merge is kept, so :meth:`unmerge` restores it exactly.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
         for name in adapter_names:
-            if name not in self.neuroada_theta:
-                continue
             warnings.warn(
-                f"Merging NeuroAda adapter {name!r} into the {self.quantization} layer {self._layer_name()}: the "
+                f"Merging NeuroAda adapter {name!r} into the {self.quantization} layer {self.layer_name()}: the "
                 "layer is dequantized, updated and re-quantized, which rounds (the merged layer is not exactly base "
                 "+ theta). For an exact merge, merge into the full-precision original: neuroada-plugin merge --base "
                 "<original> --adapter <adapter>.",
                 UserWarning,
                 stacklevel=2,
             )
-            with self._weight_for_reading() as dense:
+            with self.read_weight() as dense:
                 indices, _, updated = self._merge_plan(name, dense)
                 put_entries_(dense, indices, updated)
                 self._merge_backup[name] = self._quantized_state()
                 self._set_quantized(dense)
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def unmerge_from_weight(self) -> None:
         """Restore the quantized weight from before the merges, byte for byte."""
-        if not self.merged:
-            return
         restore, unmerged = None, []
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -129,7 +98,7 @@ class QuantizedLinear(Linear):
         for name in unmerged:
             if name not in self.neuroada_theta:
                 continue
-            with self._weight_for_reading() as dense:
+            with self.read_weight() as dense:
                 indices = self._checked_indices(name).to(dense.device)
                 theta = self.neuroada_theta[name].detach().to(dense.device)
                 put_entries_(dense, indices, dense.gather(1, indices).to(theta.dtype) - theta)

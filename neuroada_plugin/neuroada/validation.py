@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import AdapterCheckpointError, MergeError
+from ..errors import AdapterCheckpointError
+from ..kit.merge_checks import checked_finite
 from .functional import merged_entries
 
 __all__ = ["check_fits", "check_indices", "check_theta", "index_span", "merge_values", "put_entries_"]
@@ -124,15 +125,7 @@ def merge_values(original: torch.Tensor, theta: torch.Tensor, *, what: str, outc
     ``theta`` the adapter's values; the result is in the weight's dtype. ``what`` names the merge
     (``"NeuroAda adapter 'default' into layer X"``), ``outcome`` says what was left unchanged.
     """
-    updated = merged_entries(original, theta)
-    finite = torch.isfinite(updated)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise MergeError(
-            f"Merging {what} would write {bad} non-finite value(s) into a {original.dtype} weight (theta has NaN/inf "
-            f"or overflows the dtype). {outcome}"
-        )
-    return updated
+    return checked_finite(merged_entries(original, theta), what=what, outcome=outcome)
 
 
 def put_entries_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ def toyrank_checkpoint_rule(module: AdapterModule, base_tensors: Mapping[str, Ba
     return [
         TensorPatch(
             target=f"{module.module}.weight",
-            apply=lambda weight: merged_weight(weight, a, b, scale),
+            apply=lambda weight: merged_weight(weight, a, b, scale, what=f"toyrank adapter into {module.module}"),
             description="toyrank",
         )
     ]

@@ -1,26 +1,21 @@
-"""The toy's tuner."""
+"""The toy's tuner: which layer wraps a target; the kit does the rest."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from neuroada_plugin.tuner_base import ParameterDictTuner
+from neuroada_plugin.kit.tuner import MethodTuner
 
+from .config import ToyRankConfig
 from .layer import ToyRankLayer
 
 
-class ToyRankModel(ParameterDictTuner):
-    prefix: str = "toyrank_"
+class ToyRankModel(MethodTuner):
+    method_name = "toyrank"
     tuner_layer_cls = ToyRankLayer
     target_module_mapping: dict = {}
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
-        if isinstance(target, ToyRankLayer):
-            target.update_layer(adapter_name, config)
-            return
-        if not isinstance(target, nn.Linear):
-            raise TypeError(f"toyrank adapts nn.Linear only, not {current_key} ({type(target).__name__}).")
-        new_module = ToyRankLayer(target, adapter_name, config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def create_layer(
+        self, target: nn.Module, adapter_name: str, config: ToyRankConfig, module_name: str
+    ) -> ToyRankLayer:
+        return ToyRankLayer(target, adapter_name, config, module_name=module_name)

@@ -1,0 +1,201 @@
+"""The tuner-layer base every method derives from: a method writes its delta, the skeleton is here.
+
+A method's layer sets ``method_name``, ``adapter_layer_names`` (its trainable tensors, the first one
+present for every adapter) and ``other_param_names``, and writes:
+
+* ``update_layer(adapter_name, config, module_name="")``: create the adapter's tensors (and call
+  :meth:`MethodLayer.record_fingerprint`);
+* ``adapter_output(x, adapter_name)``: what the adapter adds to the base layer's output;
+* ``check_merge_values(adapter_names)``, ``merge_into_weight(adapter_names)``, ``unmerge_from_weight()``:
+  its merge arithmetic (:func:`checked_finite` refuses NaN/inf with one error type).
+
+The base holds the rest, identical for every method: the forward (adapters disabled, merged,
+several active), the merge bookkeeping (only adapters this layer holds, every one checked before
+any weight is written), the frozen weight as the method reads it (gathered under ZeRO-3,
+dequantized for bitsandbytes), and the base fingerprint (recorded at creation, compared on load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
+from .merge_checks import checked_finite
+from .quantized import bnb_layer_kind, dequantize_weight
+from .sharded import full_shape, gathered
+
+__all__ = ["MethodLayer", "checked_finite", "layer_shape"]  # checked_finite: kit.merge_checks
+
+_PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def layer_shape(base: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a linear-like layer: its own features for a quantized layer
+    (a packed 4-bit weight is ``[n_bytes, 1]``), the full shape of a ZeRO-3 partition."""
+    if bnb_layer_kind(base) is not None:
+        return base.out_features, base.in_features
+    out_features, in_features = full_shape(base.weight)
+    return out_features, in_features
+
+
+class MethodLayer(nn.Module, BaseTunerLayer):
+    """Base of every method's tuner layer (see the module docstring)."""
+
+    method_name: ClassVar[str] = ""
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        # Per adapter, the fingerprint of the base weight it was created on (kit/fingerprint.py).
+        setattr(self, self.fingerprint_name, BufferDict({}, persistent=True))
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        self.out_features, self.in_features = layer_shape(self.get_base_layer())
+
+    @property
+    def fingerprint_name(self) -> str:
+        return f"{self.method_name}_fingerprint"
+
+    @property
+    def fingerprints(self) -> BufferDict:
+        return getattr(self, self.fingerprint_name)
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in getattr(self, self.adapter_layer_names[0])
+
+    def layer_name(self, module_name: str = "") -> str:
+        return module_name or getattr(self, "_module_name", "") or type(self.get_base_layer()).__name__
+
+    # ---------------------------------------------------------------------------- what a method writes
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_weight_for_forward(self) -> None:
+        """Raise before the forward when the adapters cannot run on the base weight as it is now (default: they can)."""
+
+    def check_merge_values(self, adapter_names: list[str]) -> None:
+        """Raise :class:`MergeError` if merging ``adapter_names`` would write NaN/inf; writes nothing."""
+        raise NotImplementedError
+
+    def merge_into_weight(self, adapter_names: list[str]) -> None:
+        """Write the adapters into the base weight and append them to ``merged_adapters``."""
+        raise NotImplementedError
+
+    def unmerge_from_weight(self) -> None:
+        """Undo every merge (last merged first) and empty ``merged_adapters``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- the skeleton
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if not self.merged:
+            self.check_weight_for_forward()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if self.has_adapter(name):
+                result = result + self.adapter_output(x, name).to(result.dtype)
+        return result
+
+    def _unmerged_adapters(self, adapter_names: list[str] | None) -> list[str]:
+        wanted = adapter_names if adapter_names is not None else self.active_adapters
+        return [name for name in wanted if self.has_adapter(name) and name not in self.merged_adapters]
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise :class:`MergeError` if merging ``adapter_names`` (default: the active ones) would write NaN/inf."""
+        names = self._unmerged_adapters(adapter_names)
+        if names:
+            self.check_merge_values(names)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge into the base weight; every adapter is checked first (``safe_merge`` adds nothing)."""
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if self.has_adapter(name)]
+        if not names:
+            return
+        self.check_merge_values(names)
+        self.merge_into_weight(names)
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.unmerge_from_weight()
+
+    # ---------------------------------------------------------------------------- the frozen weight
+
+    @contextmanager
+    def read_weight(self) -> Iterator[torch.Tensor]:
+        """The base weight as a full floating-point ``[out, in]`` tensor, to read from for the block.
+
+        Gathered read-only when ZeRO-3 partitioned it (a collective: every rank must read),
+        dequantized one layer at a time for a bitsandbytes layer.
+        """
+        base = self.get_base_layer()
+        if bnb_layer_kind(base) is not None:
+            weight = dequantize_weight(base)
+            try:
+                yield weight
+            finally:
+                del weight
+            return
+        with gathered([base.weight]):
+            yield base.weight
+
+    def record_fingerprint(self, adapter_name: str, config: Any, weight: torch.Tensor | None = None) -> None:
+        """Store the fingerprint of the base weight ``adapter_name`` is created on.
+
+        ``weight``: the weight as the method just read it (no second read); otherwise it is read here.
+        Loading (``inference_mode``) or meta weights: the "not recorded" placeholder, which the file
+        being loaded replaces.
+        """
+        base_weight = self.get_base_layer().weight
+        if weight is not None:
+            fingerprint = weight_fingerprint(weight)
+        elif base_weight.is_meta or getattr(config, "inference_mode", False):
+            fingerprint = not_recorded()
+        else:
+            with self.read_weight() as read:
+                fingerprint = weight_fingerprint(read)
+        self.fingerprints[adapter_name] = fingerprint.to(base_weight.device)
+
+    def check_loaded_state(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+        """A method's checks of the adapter tensors being loaded into this layer (shapes, dtypes)."""
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Runs before the child containers load their entries: the whole layer is checked first, so a bad
+        # file fails with the layer's name, and only then is its base compared with the recorded fingerprint.
+        self.check_loaded_state(state_dict, prefix)
+        weight = self.get_base_layer().weight
+        layer = prefix.removeprefix(_PEFT_MODEL_PREFIX).rstrip(".") or self.layer_name()
+        title = getattr(self, "method_title", self.method_name)
+        check_loaded_fingerprints(
+            self,
+            state_dict,
+            prefix,
+            adapter_key=self.adapter_layer_names[0],
+            fingerprint_key=self.fingerprint_name,
+            read_weight=self.read_weight if readable_here(weight) else None,
+            where=f"{title} layer {layer}",
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)  # PEFT removes it from every container in other_param_names
+        if adapter_name in self.fingerprints:
+            del self.fingerprints[adapter_name]

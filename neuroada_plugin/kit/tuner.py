@@ -1,0 +1,221 @@
+"""The PEFT tuner every method derives from: target checks from the spec's flags, layer creation, merge checks.
+
+A method's tuner sets ``method_name`` and ``tuner_layer_cls`` and writes :meth:`MethodTuner.create_layer`
+(and, when it has any, :meth:`MethodTuner.check_target_fits` for limits of its own, such as NeuroAda's
+``top_k <= in_features``). Everything else is here, once:
+
+* the PEFT prefix, from the method's spec;
+* what a method's capability flags forbid, checked for every matched module before any is
+  replaced (so a bad target changes nothing), with one wording: quantized layers other than the
+  spec's ``quantized_layers``, non-``nn.Linear`` modules, weights sharded by ZeRO-3 for a method
+  that reads them without ``supports_sharding``;
+* ``_create_and_replace`` and the device placement of new adapter tensors;
+* every layer checked before any is merged (NaN/inf), in ``merge_adapter`` and ``merge_and_unload``;
+* PEFT's dtype cast keeping each adapter tensor's ``requires_grad`` (PEFT's generic
+  ``_cast_adapter_dtype`` re-wraps ``ParameterDict`` entries as trainable parameters: a frozen,
+  inactive or inference-only adapter would silently become trainable);
+* the base-fingerprint mismatches its layers note while loading, raised once the load is complete
+  (:mod:`.fingerprint`), and the guard of bitsandbytes 4-bit layers against their CPU-packed layout
+  while the adapter is attached (:mod:`.bnb_cpu_layout`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..config_base import DEFAULT_TARGET_MODULES
+from ..errors import UnsupportedTargetError
+from ..registry import MethodSpec, get_method
+from .bnb_cpu_layout import guard_4bit_layers, unguard_4bit_layers
+from .fingerprint import raise_pending_mismatches
+from .quantized import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind
+from .sharded import full_shape, is_partitioned
+
+__all__ = ["MethodTuner", "check_target"]
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def check_target(spec: MethodSpec, target: nn.Module, module_name: str) -> None:
+    """Raise :class:`UnsupportedTargetError` when ``spec``'s flags say its method cannot adapt ``target``."""
+    base = _base(target)
+    kind, title = type(base).__name__, spec.display_name
+    quantized_kind = bnb_layer_kind(base)
+    if quantized_kind is not None and quantized_kind in spec.quantized_layers:
+        return
+    weight = getattr(base, "weight", None)
+    quantized = quantized_kind is not None or (
+        hasattr(base, "quant_state")
+        or hasattr(base, "qweight")
+        or (weight is not None and type(weight).__name__ in {"Params4bit", "Int8Params"})
+        or (weight is not None and not weight.is_floating_point())
+        or getattr(base, "quant_method", None) is not None
+    )
+    if quantized:
+        supported = [SUPPORTED_QUANTIZED_LAYERS[k] for k in spec.quantized_layers if k in SUPPORTED_QUANTIZED_LAYERS]
+        advice = (
+            f"Supported quantized layers: {'; '.join(supported)}. Load the base model with bitsandbytes "
+            "(BitsAndBytesConfig) or unquantized (e.g. bf16)."
+            if supported
+            else f"{title} needs the floating-point weight: load the base model unquantized (e.g. bf16)."
+        )
+        raise UnsupportedTargetError(
+            f"{title} cannot adapt {module_name} ({kind}): it is quantized with a scheme {title} does not support. "
+            + advice
+        )
+    if kind == "Conv1D":
+        raise UnsupportedTargetError(
+            f"{title} cannot adapt {module_name}: GPT-2 style Conv1D layers (weight stored [in, out]) are not "
+            "supported. Target torch.nn.Linear modules, or set exclude_modules to skip it."
+        )
+    if not isinstance(base, nn.Linear):
+        raise UnsupportedTargetError(
+            f"{title} cannot adapt {module_name} ({kind}): only torch.nn.Linear layers are supported. Adjust "
+            "target_modules (or exclude_modules) so it is not matched."
+        )
+    reads_weights = spec.reads_weights_in_forward or spec.reads_weights_when_created
+    sharded = is_partitioned(base.weight) or base.weight.dim() != 2
+    if sharded and reads_weights and not spec.supports_sharding:
+        where = " in every forward" if spec.reads_weights_in_forward else ""
+        raise UnsupportedTargetError(
+            f"{title} cannot adapt {module_name}: its weight is a {tuple(base.weight.shape)} shard (DeepSpeed "
+            f"ZeRO-3?), and {title} reads the whole frozen weight{where}. Use ZeRO-1/2, DDP or FSDP."
+        )
+
+
+class MethodTuner(BaseTuner):
+    """``BaseTuner`` of a registered method (see the module docstring for what it does for every method).
+
+    Subclasses set ``method_name`` (the registry name) and ``tuner_layer_cls``, and implement
+    :meth:`create_layer`. ``target_module_mapping`` defaults to the shared architecture defaults.
+    """
+
+    method_name: ClassVar[str] = ""
+    prefix: str = ""
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method_name:
+            cls.prefix = f"{cls.method_name}_"  # what MethodSpec.prefix derives, without importing the registry here
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method_name)
+
+    # ---------------------------------------------------------------------------- what a method writes
+
+    def create_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
+        """The method's tuner layer wrapping ``target`` (already checked against the spec's flags)."""
+        raise NotImplementedError
+
+    def check_target_fits(self, config: Any, target: nn.Module, module_name: str, in_features: int) -> None:
+        """Raise ``ValueError`` when ``config`` does not fit ``target`` (a method's own limits); default: fits."""
+
+    # ---------------------------------------------------------------------------- shared
+
+    def _create_and_replace(
+        self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module,
+        current_key: str, **optional_kwargs: Any,
+    ) -> None:  # fmt: skip
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, module_name=current_key)
+            return
+        check_target(self.spec, target, current_key)
+        new_module = self.create_layer(target, adapter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        # Adapter tensors live on the base layer's device (never on meta when it is real).
+        weight = getattr(child, "weight", None)
+        if weight is None or weight.is_meta:
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name and hasattr(module, "to"):
+                if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+                    continue
+                module.to(weight.device)
+
+    def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
+        """Check every matched target before any is replaced, so a bad target changes nothing."""
+        problems = []
+        for key, module in model.named_modules():
+            if self.prefix in key or not self._check_target_module_exists(peft_config, key):
+                continue
+            try:
+                check_target(self.spec, module, key)
+                base = _base(module)
+                in_features = getattr(base, "in_features", None) or full_shape(base.weight)[-1]
+                self.check_target_fits(peft_config, module, key, in_features)
+            except (UnsupportedTargetError, ValueError) as error:
+                problems.append(error)
+        if problems:
+            listed = "\n  - ".join(str(p) for p in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            kind = (
+                UnsupportedTargetError if all(isinstance(p, UnsupportedTargetError) for p in problems) else ValueError
+            )
+            title = self.spec.display_name
+            raise kind(
+                f"{title} cannot adapt {len(problems)} targeted layer(s); nothing was changed:\n  - {listed}{more}"
+            )
+
+    def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        guard_4bit_layers(model)
+        if not getattr(self, "_checks_base_fingerprints", False):
+            self.register_load_state_dict_post_hook(lambda module, incompatible: raise_pending_mismatches(module))
+            self._checks_base_fingerprints = True
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge into the base weights; every layer is checked first, so a NaN/inf merge changes nothing."""
+        self._check_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if merge:
+            self._check_merge(kwargs.get("adapter_names"))
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        unguard_4bit_layers(model)  # the plain model goes back in bitsandbytes' standard layout, unhooked
+        return model
+
+    def _check_merge(self, adapter_names: list[str] | None) -> None:
+        for module in self.model.modules():
+            if isinstance(module, self.tuner_layer_cls) and not module.disable_adapters:
+                module.check_merge(adapter_names)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        flags = [
+            (container, container[adapter_name].requires_grad) for container in self._adapter_containers(adapter_name)
+        ]
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for container, requires_grad in flags:
+            container[adapter_name].requires_grad_(requires_grad)
+
+    def _adapter_containers(self, adapter_name: str) -> list[nn.ParameterDict]:
+        """Every ``ParameterDict`` of a tuner layer that holds a tensor of ``adapter_name``."""
+        containers = []
+        for module in self.model.modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            for attribute in module.adapter_layer_names:
+                container = getattr(module, attribute, None)
+                if isinstance(container, nn.ParameterDict) and adapter_name in container:
+                    containers.append(container)
+        return containers
+
+    def _check_new_adapter_config(self, config: Any) -> None:
+        super()._check_new_adapter_config(config)
+        expected = self.spec.config_class()
+        if not isinstance(config, expected):
+            raise TypeError(f"{type(self).__name__} needs a {expected.__name__}, got {type(config).__name__}.")
