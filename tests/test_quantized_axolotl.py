@@ -28,9 +28,8 @@ from test_axolotl import (
 )
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from harness import commonsense
 from neuroada_plugin.kit.quantized import dequantize_weight
-
-from common import commonsense
 
 TOP_K = 2  # axolotl_configs/ci/tiny_sft.yml
 

@@ -21,13 +21,13 @@ from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+from harness import commonsense as cs
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
 from neuroada_plugin.kit.bnb_cpu_layout import is_packed_for_cpu, standard_4bit_state
 from neuroada_plugin.kit.quantized import dequantize_weight
 from neuroada_plugin.neuroada.bnb import Linear4bit
 
 from bnb_layouts import LAYOUTS, keep_standard_layout, linear4bit_layers, standard_bytes
-from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,12 +160,11 @@ def test_sft_example_script_with_load_in_4bit_end_to_end(tiny_llama_dir, tmp_pat
     from peft import PeftModel
 
     monkeypatch.syspath_prepend(str(ROOT / "examples" / "trl"))
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
     sys.modules.pop("sft", None)
     import sft  # noqa: PLC0415
 
-    from common.method_args import method_arguments
-    from common.trl_helpers import CommonsenseArguments, load_model_and_tokenizer
+    from harness.method_args import method_arguments
+    from harness.training import CommonsenseArguments, load_model_and_tokenizer
 
     data = CommonsenseArguments(
         model_name_or_path=str(tiny_llama_dir), sources="csqa,piqa", train_size=8, eval_size=6, load_in_4bit=True

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -30,13 +29,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neuroada_plugin import NeuroAdaConfig
 from neuroada_plugin.merge.cli import main as merge_cli
+from serving.client import chat, complete, first_model
+from serving.serve import VllmServer, free_port, vllm_environment
 
 from tiny_models import save_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from serving.client import chat, complete, first_model  # noqa: E402
-from serving.serve import VllmServer, free_port, vllm_environment  # noqa: E402
 
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 MAX_TOKENS = 12

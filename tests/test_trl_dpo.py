@@ -13,9 +13,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
+from harness import commonsense as cs
 from neuroada_plugin import NeuroAdaConfig
-
-from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,8 +74,8 @@ def test_dpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     sys.modules.pop("dpo", None)
     import dpo  # noqa: PLC0415
 
-    from common.method_args import method_arguments
-    from common.trl_helpers import CommonsenseArguments
+    from harness.method_args import method_arguments
+    from harness.training import CommonsenseArguments
 
     data = CommonsenseArguments(
         model_name_or_path=str(tiny_llama_dir), dtype="float32", sources="obqa", train_size=4, eval_size=4

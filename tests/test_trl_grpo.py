@@ -12,9 +12,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
+from harness import commonsense as cs
 from neuroada_plugin import NeuroAdaConfig
-
-from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,8 +84,8 @@ def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkey
     sys.modules.pop("grpo", None)
     import grpo  # noqa: PLC0415
 
-    from common.method_args import method_arguments
-    from common.trl_helpers import CommonsenseArguments
+    from harness.method_args import method_arguments
+    from harness.training import CommonsenseArguments
 
     data = CommonsenseArguments(
         model_name_or_path=str(tiny_llama_dir),

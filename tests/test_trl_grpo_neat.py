@@ -30,9 +30,8 @@ from test_trl_neat import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
+from harness import commonsense as cs
 from neuroada_plugin import NeatConfig
-
-from common import commonsense as cs
 
 SETTINGS = dict(r=4, depth=1, act_fn="relu", scaling=1.0)  # B = 0 at the start: the policy starts as the reference
 

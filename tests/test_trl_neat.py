@@ -29,10 +29,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+from harness import commonsense as cs
 from neuroada_plugin.kit.fingerprint import weight_fingerprint
 from neuroada_plugin.neat import NeatConfig
-
-from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Both methods get the targets spelled out: PEANuT's default for Llama is q_proj/v_proj only.
@@ -282,7 +281,7 @@ def _run_example(script: str, trainer_class: str, argv: list[str], monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "examples" / "trl"))
     sys.modules.pop(script, None)
     module = importlib.import_module(script)
-    from common.method_args import selected_method
+    from harness.method_args import selected_method
 
     created = []
 

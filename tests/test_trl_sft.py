@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from harness import commonsense as cs
 from neuroada_plugin import NeuroAdaConfig
-
-from common import commonsense as cs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,8 +239,8 @@ def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     sys.modules.pop("sft", None)
     import sft  # noqa: PLC0415
 
-    from common.method_args import method_arguments
-    from common.trl_helpers import CommonsenseArguments
+    from harness.method_args import method_arguments
+    from harness.training import CommonsenseArguments
 
     data = CommonsenseArguments(
         model_name_or_path=str(tiny_llama_dir), dtype="float32", sources="csqa,piqa", train_size=8, eval_size=6
@@ -266,10 +265,10 @@ def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
 
 
 def test_merged_evaluation_matches_the_adapter_and_restores_weights(tiny_llama_dir):
-    """trl_helpers.evaluate merges float32 adapters for speed: same scores, weights restored bit for bit."""
+    """harness.training.evaluate merges float32 adapters for speed: same scores, weights restored bit for bit."""
     from peft import get_peft_model
 
-    from common.trl_helpers import merged_for_inference
+    from harness.training import merged_for_inference
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)

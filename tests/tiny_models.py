@@ -1,7 +1,7 @@
 """Tiny models for fast tests: random Llama weights with the real SmolLM2 tokenizer.
 
-The builders live in ``examples/common/offline_models.py`` (shared with the Axolotl CI
-preparation and the benchmarks' ``--quick`` runs); conftest puts ``examples/`` on ``sys.path``.
+The builders live in :mod:`harness.models` (shared with the Axolotl CI preparation and the
+benchmarks' ``--quick`` runs).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 
-from common.offline_models import save_tiny_llama, tiny_llama_config
+from harness.models import save_tiny_llama, tiny_llama_config
 
 __all__ = ["save_tiny_llama", "tiny_llama", "tiny_llama_config"]
 

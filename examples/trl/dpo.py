@@ -2,7 +2,7 @@
 
 The preference pairs are constructed, not human judgements: for each commonsense training
 question the correct answer is *chosen* and one wrong option, drawn with a
-fixed seed, is *rejected* (``common.commonsense.dpo_rows``). The reference policy is the
+fixed seed, is *rejected* (``harness.commonsense.dpo_rows``). The reference policy is the
 same model with the adapter disabled, so no second copy of the model is loaded; an adapter that
 starts as the identity (NeuroAda's zero theta) makes the first step's loss exactly ln 2.
 
@@ -15,20 +15,14 @@ python examples/trl/dpo.py --method METHOD --help   # another registered method 
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1]  # examples/ (not installed): the shared helpers in common/
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer, TrlParser
 
-from datasets import Dataset  # noqa: E402
-from trl import DPOConfig, DPOTrainer, TrlParser  # noqa: E402
-
-from common import commonsense  # noqa: E402
-from common.method_args import method_arguments, method_config, method_title, selected_method  # noqa: E402
-from common.trl_helpers import (  # noqa: E402
+from harness import commonsense
+from harness.method_args import method_arguments, method_config, method_title, selected_method
+from harness.training import (
     CommonsenseArguments,
     commonsense_splits,
     evaluate,

@@ -2,7 +2,7 @@
 
 The reward is verifiable: 1 when the sampled answer names the correct option (a leading letter
 such as ``"B. bookstore"``, or exactly one option's text), else 0
-(``common.commonsense.option_reward``). With ``beta > 0`` the KL reference is the same
+(``harness.commonsense.option_reward``). With ``beta > 0`` the KL reference is the same
 model with the adapter disabled; no second copy is loaded.
 
 ```bash
@@ -14,20 +14,14 @@ python examples/trl/grpo.py --method METHOD --help  # another registered method 
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1]  # examples/ (not installed): the shared helpers in common/
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer, TrlParser
 
-from datasets import Dataset  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer, TrlParser  # noqa: E402
-
-from common import commonsense  # noqa: E402
-from common.method_args import method_arguments, method_config, method_title, selected_method  # noqa: E402
-from common.trl_helpers import (  # noqa: E402
+from harness import commonsense
+from harness.method_args import method_arguments, method_config, method_title, selected_method
+from harness.training import (
     CommonsenseArguments,
     commonsense_splits,
     evaluate,

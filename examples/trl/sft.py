@@ -23,20 +23,14 @@ The adapter is a normal PEFT adapter: ``PeftModel.from_pretrained(base, output_d
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1]  # examples/ (not installed): the shared helpers in common/
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer, TrlParser
 
-from datasets import Dataset  # noqa: E402
-from trl import SFTConfig, SFTTrainer, TrlParser  # noqa: E402
-
-from common import commonsense  # noqa: E402
-from common.method_args import method_arguments, method_config, method_title, selected_method  # noqa: E402
-from common.trl_helpers import (  # noqa: E402
+from harness import commonsense
+from harness.method_args import method_arguments, method_config, method_title, selected_method
+from harness.training import (
     CommonsenseArguments,
     commonsense_splits,
     evaluate,

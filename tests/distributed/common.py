@@ -55,10 +55,9 @@ def rank_batch(data: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 
 def save_base(path: Path, seed: int = 0) -> Path:
     """A tiny Llama with a 256-token vocabulary (random weights) saved as a checkpoint."""
-    sys.path.insert(0, str(ROOT / "examples"))
     from transformers import LlamaForCausalLM
 
-    from common.offline_models import tiny_llama_config
+    from harness.models import tiny_llama_config
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB))

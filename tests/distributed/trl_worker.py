@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -15,12 +14,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
-
-from neuroada_plugin import NeuroAdaConfig  # noqa: E402
-
-from common import commonsense as cs  # noqa: E402
+from harness import commonsense as cs
+from neuroada_plugin import NeuroAdaConfig
 
 GLOBAL_BATCH = 4
 STEPS = 3

@@ -1,10 +1,10 @@
-"""Helpers shared by the TRL example scripts in ``examples/trl/`` (and the accuracy benchmark).
+"""What a commonsense training run needs around its trainer: the TRL examples, the accuracy benchmark, serving.
 
 The examples parse three dataclasses (TRL style): :class:`CommonsenseArguments` (model and
 data), the method's arguments (generated from its config dataclass by
-:func:`common.method_args.method_arguments`, flags prefixed ``<method>_`` so they never clash
+:func:`harness.method_args.method_arguments`, flags prefixed ``<method>_`` so they never clash
 with TRL's own) and the trainer's config. Everything data- or evaluation-specific lives in
-:mod:`common.commonsense`; this module loads the model, picks the run's questions, evaluates
+:mod:`harness.commonsense`; this module loads the model, picks the run's questions, evaluates
 before/after and prints the summary. The recipe itself (dataset, config, trainer, train, save)
 is in each example's ``main()``.
 """
@@ -58,7 +58,7 @@ class CommonsenseArguments:
         default=False,
         metadata={
             "help": "Prompt format: False = cloze (question -> option text); True = lettered options -> "
-            "'B. text'. See common.commonsense.PromptFormat."
+            "'B. text'. See harness.commonsense.PromptFormat."
         },
     )
     train_size: int = field(default=256, metadata={"help": "Questions taken from the train split (0: all)."})
@@ -98,7 +98,7 @@ def load_model_and_tokenizer(args: CommonsenseArguments) -> tuple[Any, Any]:
 
     path = args.model_name_or_path
     if path is None:
-        from .offline_models import smollm2_checkpoint
+        from .models import smollm2_checkpoint
 
         path = str(smollm2_checkpoint())
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -124,7 +124,7 @@ def load_model_and_tokenizer(args: CommonsenseArguments) -> tuple[Any, Any]:
 
 
 def prompt_format(args: CommonsenseArguments) -> commonsense.PromptFormat:
-    """The :class:`~common.commonsense.PromptFormat` selected by ``--show_options``."""
+    """The :class:`~harness.commonsense.PromptFormat` selected by ``--show_options``."""
     return commonsense.PromptFormat(show_options=args.show_options)
 
 
