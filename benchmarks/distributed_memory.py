@@ -39,7 +39,7 @@ def worker(mode: str, out: Path, base_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from neuroada_plugin import NeuroAdaConfig
-    from neuroada_plugin.neuroada.distributed import is_partitioned
+    from neuroada_plugin.kit.sharded import is_partitioned
 
     stages = {"imports": _status("VmRSS")}
     if mode == "zero3":
