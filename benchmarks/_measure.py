@@ -1,4 +1,4 @@
-"""Measurement machinery shared by the benchmarks (``layer_memory.py``, ``efficiency.py``).
+"""Measurement machinery shared by the benchmarks.
 
 * Fresh processes: :func:`forkserver_context` + :func:`run_isolated` run one job per child,
   forked from a server that imported the heavy libraries but never allocated a tensor, so

@@ -44,8 +44,8 @@ tensors only. Checkpoint weights are copied out of the safetensors mmap right af
 otherwise RSS after load would not count them (pages fault in during the first step) and full
 fine-tuning's in-place updates would copy-on-write them.
 
-Memory (one fresh process per configuration). CPU: resident set size, the layer benchmark's
-method (``_measure``): glibc serves every block > 64 KiB with its own mmap and returns freed
+Memory (one fresh process per configuration). CPU: resident set size, measured with
+``_measure.PeakMemory``: glibc serves every block > 64 KiB with its own mmap and returns freed
 pages, so RSS follows live tensors; after one warm-up step (thread pools, lazy buffers, and the
 AdamW state, which stays: training's steady state) the kernel's peak counter is reset
 (``clear_refs``) and ``VmHWM`` over one more step is the peak. CUDA: ``max_memory_allocated``.
