@@ -1,4 +1,4 @@
-"""Axolotl plugin path kept from the first release: ``neuroada_plugin.axolotl.NeuroAdaPlugin``.
+"""The Axolotl plugin path users write in their YAML: ``neuroada_plugin.axolotl.NeuroAdaPlugin``.
 
 It is the package's one Axolotl plugin (:class:`neuroada_plugin.integrations.axolotl.MethodsPlugin`),
 which offers ``adapter: neuroada`` and every other registered method::

@@ -1,4 +1,4 @@
-"""`adapter: neuroada` in Axolotl, end to end (issue 4): SFT and DPO training, config validation, merge-lora.
+"""`adapter: neuroada` in Axolotl, end to end: SFT and DPO training, config validation, merge-lora.
 
 Axolotl 0.19 pins versions that conflict with the main environment, so it lives in
 ``.venv-axolotl`` (``scripts/setup_axolotl.sh``) and every Axolotl step runs there in a

@@ -2,6 +2,6 @@
 
 import sys
 
-from ..cli import merge_main
+from .cli import main
 
-sys.exit(merge_main())
+sys.exit(main())

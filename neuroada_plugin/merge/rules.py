@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import AdapterCheckpointError
 from ..registry import MethodSpec, UnknownMethodError, method_for_peft_type, methods
 from .errors import UnsupportedAdapterError
 
@@ -33,6 +34,8 @@ __all__ = [
     "BaseTensorInfo",
     "CheckpointRule",
     "TensorPatch",
+    "check_float_base",
+    "expect_tensors",
     "get_checkpoint_rule",
     "method_for_adapter",
 ]
@@ -112,6 +115,40 @@ class CheckpointRule(Protocol):
 # ``<module>.<prefix>fingerprint``: the base weight's fingerprint (neuroada_plugin/kit/fingerprint.py). The
 # engine checks it and never hands it to a rule.
 FINGERPRINT_PARAM = "fingerprint"
+
+
+def expect_tensors(
+    module: AdapterModule, required: tuple[str, ...], optional: tuple[str, ...] = (), *, spec: MethodSpec
+) -> None:
+    """Refuse a module whose tensors are not the method's: unknown names, or a required one missing.
+
+    ``required``/``optional``: parameter names without the method's prefix (``("theta", "indices")``).
+    """
+    method, prefix = spec.display_name, spec.prefix
+    unknown = sorted(set(module.tensors) - {*required, *optional})
+    if unknown:
+        names = ", ".join(f"'{prefix}{name}'" for name in (*required, *optional))
+        raise AdapterCheckpointError(
+            f"{module.where}: unexpected {method} tensor(s) {[module.keys[name] for name in unknown]}; a {method} "
+            f"adapter holds {names} per layer."
+        )
+    missing = [name for name in required if name not in module.tensors]
+    if missing:
+        raise AdapterCheckpointError(
+            f"{module.where} has no '{prefix}{missing[0]}' entry (only {sorted(module.keys.values())}); the adapter file "
+            "is incomplete. Re-save it with save_pretrained."
+        )
+
+
+def check_float_base(info: BaseTensorInfo, *, method: str, module: str) -> None:
+    """Refuse a base tensor that is not floating point (a quantized checkpoint): merging writes float entries."""
+    if info.dtype is None or not info.dtype.is_floating_point:
+        raise AdapterCheckpointError(
+            f"{method} layer {module}: base tensor {info.name!r} in {info.file.name} has dtype "
+            f"{info.dtype or 'unsupported'}; merging needs a floating-point (unquantized) weight. Merge into the "
+            "full-precision original of the model."
+        )
+
 
 _PEFT_ONLY = {"LORA", "ADALORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "DORA", "VERA", "FOURIERFT", "BONE", "SHIRA"}
 

@@ -81,9 +81,6 @@ class SafetensorsHeader:
     def data_start(self) -> int:
         return len(self.raw)
 
-    def by_name(self) -> dict[str, TensorEntry]:
-        return {t.name: t for t in self.tensors}
-
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and validate the header of ``path``; raise :class:`CheckpointFileError` naming the problem.

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AdapterCheckpointError
-from ..merge.rules import AdapterModule, BaseTensorInfo, TensorPatch
+from ..merge.rules import AdapterModule, BaseTensorInfo, TensorPatch, check_float_base, expect_tensors
+from ..registry import get_method
 from .functional import ACTIVATIONS, merged_weight
 
 __all__ = ["NeatModuleTensors", "check_base_weight", "neat_checkpoint_rule", "read_neat_module"]
@@ -50,18 +51,7 @@ class NeatModuleTensors:
 def read_neat_module(module: AdapterModule) -> NeatModuleTensors:
     """The module's NEAT tensors, with every check that needs no base values (names, shapes, dtypes, config)."""
     where = module.where
-    unknown = sorted(set(module.tensors) - {*_REQUIRED, *_OPTIONAL})
-    if unknown:
-        raise AdapterCheckpointError(
-            f"{where}: unexpected NEAT tensor(s) {[module.keys[name] for name in unknown]}; a NEAT adapter holds "
-            "'neat_A', 'neat_B' and, with depth > 0, 'neat_E' and 'neat_D' per layer."
-        )
-    missing = [name for name in _REQUIRED if name not in module.tensors]
-    if missing:
-        raise AdapterCheckpointError(
-            f"{where} has no 'neat_{missing[0]}' entry (only {sorted(module.keys.values())}); the adapter file is "
-            "incomplete. Re-save it with save_pretrained."
-        )
+    expect_tensors(module, _REQUIRED, _OPTIONAL, spec=get_method("neat"))
     a, b = module.tensors["A"], module.tensors["B"]
     enc, dec = module.tensors.get("E"), module.tensors.get("D")
     depth = int(module.config.get("depth", 0) or 0)
@@ -94,11 +84,7 @@ def read_neat_module(module: AdapterModule) -> NeatModuleTensors:
 
 def check_base_weight(module: AdapterModule, tensors: NeatModuleTensors, info: BaseTensorInfo) -> None:
     """Refuse a base weight NEAT cannot read: not floating point (quantized), or not ``[out, *]``."""
-    if info.dtype is None or not info.dtype.is_floating_point:
-        raise AdapterCheckpointError(
-            f"NEAT layer {module.module}: base tensor {info.name!r} in {info.file.name} has dtype "
-            f"{info.dtype or 'unsupported'}; NEAT needs a floating-point (unquantized) weight."
-        )
+    check_float_base(info, method="NEAT", module=module.module)
     if len(info.shape) != 2 or info.shape[0] != tensors.out_features:
         raise AdapterCheckpointError(
             f"NEAT layer {module.module}: base tensor {info.name!r} in {info.file.name} has shape "
@@ -113,12 +99,8 @@ def neat_checkpoint_rule(module: AdapterModule, base_tensors: Mapping[str, BaseT
     target = f"{module.module}.weight"
 
     def apply(weight: torch.Tensor) -> torch.Tensor:
-        try:
-            return merged_weight(weight, weight, t.a, t.b, t.encoders, t.decoders, t.act, t.scaling)
-        except ValueError as error:
-            raise AdapterCheckpointError(
-                f"NEAT layer {module.module} into {target!r}: {error} No output was written."
-            ) from None
+        what = f"NEAT layer {module.module} into {weight.dtype} tensor {target!r}"
+        return merged_weight(weight, weight, t.a, t.b, t.encoders, t.decoders, t.act, t.scaling, what=what)
 
     return [
         TensorPatch(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_exit import run_command
+
 _DESCRIPTION = """\
 Write a standard PEFT LoRA adapter whose update equals a trained NEAT adapter exactly:
 lora_A = act(A @ W0) [r, in], lora_B = s * B [out, r], lora_alpha = r (LoRA scale 1).
@@ -52,14 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the export; returns the exit code."""
-    from ..cli import fail
-    from ..errors import AdapterCheckpointError, MergeError
-    from ..merge.errors import CheckpointFileError, OutputExistsError
-    from .lora_export import export_lora_checkpoint
+    """Run the export; returns the exit code (:mod:`neuroada_plugin.cli_exit`)."""
 
-    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    try:
+    def export() -> str | None:
+        from .lora_export import export_lora_checkpoint
+
+        log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
         report = export_lora_checkpoint(
             args.base,
             args.adapter,
@@ -69,13 +69,6 @@ def run(args: argparse.Namespace) -> int:
             progress=not (args.no_progress or args.quiet),
             log=log,
         )
-    except OutputExistsError as error:
-        return fail(args.error_prog, error, 3)
-    except (AdapterCheckpointError, CheckpointFileError, MergeError, ValueError, FileNotFoundError) as error:
-        return fail(args.error_prog, error, 2)
-    except KeyboardInterrupt:
-        print(f"{args.error_prog}: interrupted; nothing written.", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print(report.summary())
-    return 0
+        return None if args.quiet else report.summary()
+
+    return run_command(args.error_prog, export)

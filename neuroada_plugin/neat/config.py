@@ -57,4 +57,3 @@ class NeatConfig(MethodConfig):
         self.scaling = float(self.scaling)
         if self.scaling != self.scaling or self.scaling in (float("inf"), float("-inf")):
             raise ValueError(f"NeatConfig.scaling must be finite, got {self.scaling!r}.")
-

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import AdapterCheckpointError
-from ..merge.rules import AdapterModule, BaseTensorInfo, TensorPatch
+from ..merge.rules import AdapterModule, BaseTensorInfo, TensorPatch, check_float_base, expect_tensors
+from ..registry import get_method
 from .validation import check_fits, check_indices, check_theta, index_span, merge_values, put_entries_
 
 __all__ = ["neuroada_checkpoint_rule"]
@@ -28,18 +29,7 @@ _PARAMS = ("theta", "indices")
 def neuroada_checkpoint_rule(module: AdapterModule, base_tensors: Mapping[str, BaseTensorInfo]) -> list[TensorPatch]:
     """One :class:`TensorPatch` for the module's weight; validates everything that needs no base values."""
     where = module.where
-    unknown = sorted(set(module.tensors) - set(_PARAMS))
-    if unknown:
-        raise AdapterCheckpointError(
-            f"{where}: unexpected NeuroAda tensor(s) {[module.keys[name] for name in unknown]}; a NeuroAda adapter "
-            "holds only 'neuroada_theta' and 'neuroada_indices' per layer."
-        )
-    missing = [name for name in _PARAMS if name not in module.tensors]
-    if missing:
-        raise AdapterCheckpointError(
-            f"{where} has no 'neuroada_{missing[0]}' entry (only {sorted(module.keys.values())}); the adapter file is "
-            "incomplete. Re-save it with save_pretrained."
-        )
+    expect_tensors(module, _PARAMS, spec=get_method("neuroada"))
     indices = check_indices(module.tensors["indices"], where=where, key=module.keys["indices"])
     theta = module.tensors["theta"]
     check_theta(theta, where=where, key=module.keys["theta"], expected=tuple(indices.shape))
@@ -57,11 +47,7 @@ def _patch(module: str, theta: torch.Tensor, indices: torch.Tensor) -> TensorPat
     span = index_span(indices)
 
     def check(info: BaseTensorInfo) -> None:
-        if info.dtype is None or not info.dtype.is_floating_point:
-            raise AdapterCheckpointError(
-                f"NeuroAda layer {module}: base tensor {info.name!r} in {info.file.name} has dtype "
-                f"{info.dtype or 'unsupported'}; merging needs a floating-point (unquantized) weight."
-            )
+        check_float_base(info, method="NeuroAda", module=module)
         check_fits(
             tuple(theta.shape),
             span,
