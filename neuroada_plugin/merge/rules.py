@@ -177,7 +177,7 @@ def get_checkpoint_rule(peft_type: str) -> CheckpointRule:
     rule = spec.merge_rule()
     if rule is None:
         raise UnsupportedAdapterError(
-            f"Method {spec.name} ({spec.peft_type}) has no streaming merge rule; merge its adapters with "
+            f"Method {spec.display_name} ({spec.peft_type}) has no streaming merge rule; merge its adapters with "
             "PeftModel.from_pretrained(...).merge_and_unload() then save_pretrained()."
         )
     return rule
