@@ -8,8 +8,10 @@
   sampling thread where that is unavailable. :func:`make_allocator_transparent` makes RSS
   follow live tensors (glibc mmap threshold 64 KiB, ``malloc_trim``).
 * Provenance: :func:`machine_info`, :func:`git_state`, :func:`markdown_header`, :func:`write_results`.
-* Reference implementations the benchmarks compare against: :class:`DenseComposition` (the
-  official NeuroAda code's dense forward) and :func:`supertuning_sparsity`.
+* The registered methods as benchmark rows (:func:`method_rows`: name, title and default config
+  from :mod:`neuroada_plugin.registry`), and the reference implementations they are compared
+  against: :class:`DenseComposition` (the official NeuroAda code's dense forward) and
+  :func:`supertuning_sparsity`.
 
 Scripts import this module by name: ``benchmarks/`` is ``sys.path[0]`` when one of them runs,
 and forkserver children inherit that path.
@@ -18,6 +20,7 @@ and forkserver children inherit that path.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -366,8 +369,54 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Reference implementations compared against
+# The registered methods as rows, and the reference implementations compared against
 # --------------------------------------------------------------------------------------------
+
+SIZE_FIELDS = (("top_k", "k"), ("r", "r"))
+"""Config fields that size a method, and the letter a row's name gives them (``neuroada_k1``, ``neat_r8``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRow:
+    """One registered method in a benchmark: its default config with ``overrides``, named after its spec."""
+
+    key: str  # e.g. "neuroada_k1": the method's name and its size setting
+    label: str  # e.g. "NeuroAda k=1": the spec's display name and its size setting
+    method: str  # the registry name
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def config(self, **settings: Any) -> Any:
+        """The method's config: its defaults, ``settings`` (targets, task type), then the row's overrides."""
+        from neuroada_plugin.registry import get_method
+
+        return get_method(self.method).config_class()(**{**settings, **dict(self.overrides)})
+
+
+def method_rows(
+    variants: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, where: Callable[[Any], bool] | None = None
+) -> list[MethodRow]:
+    """A row per registered method (``where(spec)`` true), with its default config, in registration order.
+
+    ``variants[name]``: more rows of that method, each its defaults with these overrides
+    (``{"neuroada": [{"top_k": 20}]}`` adds ``neuroada_k20``). A new method gets its row with
+    no change to the benchmarks. Imports PEFT (the config classes).
+    """
+    from neuroada_plugin.registry import methods
+
+    rows = []
+    for spec in methods().values():
+        if where is not None and not where(spec):
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(spec.config_class())}
+        for overrides in ({}, *(variants or {}).get(spec.name, ())):
+            values = {**defaults, **overrides}
+            key, label = spec.name, spec.display_name
+            for field, letter in SIZE_FIELDS:
+                if field in values:
+                    key, label = f"{key}_{letter}{values[field]}", f"{label} {letter}={values[field]}"
+                    break
+            rows.append(MethodRow(key, label, spec.name, tuple(overrides.items())))
+    return rows
 
 
 class DenseComposition(nn.Module):

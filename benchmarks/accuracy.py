@@ -13,7 +13,7 @@ rate differ. Accuracy is the log-likelihood multiple-choice score of
 Protocol (splits: :func:`~harness.commonsense.make_splits`, seed 0, disjoint by question text):
 
 1. ``zero_shot``: the base model, scored once (deterministic).
-2. Learning rate: per method, a small grid (:data:`METHODS`) trained with seed 0 and scored on
+2. Learning rate: per method, a small grid (:data:`TUNED`) trained with seed 0 and scored on
    the VALIDATION split; the best validation accuracy wins (ties: the larger mean margin of the
    gold option's log-likelihood over the best wrong one). Grid runs are also scored on the
    held-out split, but that number is only *used* for the chosen learning rate, as its seed 0.
@@ -71,12 +71,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from _measure import (  # noqa: E402
+    MethodRow,
     PeakMemory,
     forkserver_context,
     git_state,
     loadavg,
     machine_info,
     markdown_header,
+    method_rows,
     resolve_device,
     run_isolated,
     utc_timestamp,
@@ -97,37 +99,49 @@ SFT_EXAMPLE = REPO_ROOT / "examples" / "trl" / "sft.py"
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One compared method: how it adapts the model and its learning-rate grid."""
+    """One compared row: what it trains and its learning-rate grid."""
 
     name: str
     label: str
-    kind: str  # "none" | "neuroada" | "lora" | "neat" | "full"
-    size: int = 0  # NeuroAda top_k, LoRA or NEAT rank
     grid: tuple[float, ...] = ()
     est_step_s: float = 0.0  # SmolLM2-135M, batch 8, 2 quiet CPU cores (for the up-front estimate)
-
-    @property
-    def trains(self) -> bool:
-        return self.kind != "none"
+    registered: MethodRow | None = None  # a registered method: its default config (+ the row's overrides)
+    trains: bool = True
 
 
-# Grids: 3 values per method around its sensible centre for a 32-step run (a first 2-value run
+# Grids: 3 values per row around its sensible centre for a 32-step run (a first 2-value run
 # chose an edge value for every method, so each grid was extended on that side; widen further
 # with --grid). NeuroAda trains single weights per neuron, so its rates sit ~10x above LoRA's
 # (PIQA, 32 steps, k=1: 1e-3 -> -0.015, 5e-3 -> +0.000, 2e-2 -> +0.025, 5e-2 -> +0.03 over
-# zero-shot); k=20 moves 20 weights per neuron, so its grid is shifted down.
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("zero_shot", "zero-shot", "none"),
-        Method("neuroada_k1", "NeuroAda k=1", "neuroada", 1, (1e-2, 2e-2, 5e-2), 4.5),
-        Method("neuroada_k20", "NeuroAda k=20", "neuroada", 20, (2e-3, 5e-3, 2e-2), 5.5),
-        Method("lora_r8", "LoRA r=8", "lora", 8, (2e-3, 5e-3, 1e-2), 4.6),
-        Method("full_ft", "full fine-tuning", "full", 0, (1e-5, 3e-5, 1e-4), 4.9),
-        # NEAT starts from B = 0 like LoRA and has LoRA's parameter shapes: LoRA's grid.
-        Method("neat_r8", "NEAT r=8", "neat", 8, (2e-3, 5e-3, 1e-2), 5.0),
-    )
+# zero-shot); k=20 moves 20 weights per neuron, so its grid is shifted down. NEAT starts from
+# B = 0 like LoRA and has LoRA's parameter shapes: LoRA's grid. This table also orders the report;
+# a registered method without an entry runs with UNTUNED after the rows listed here.
+TUNED: dict[str, tuple[tuple[float, ...], float]] = {  # row -> (lr grid, estimated step seconds)
+    "neuroada_k1": ((1e-2, 2e-2, 5e-2), 4.5),
+    "neuroada_k20": ((2e-3, 5e-3, 2e-2), 5.5),
+    "lora_r8": ((2e-3, 5e-3, 1e-2), 4.6),
+    "full_ft": ((1e-5, 3e-5, 1e-4), 4.9),
+    "neat_r8": ((2e-3, 5e-3, 1e-2), 5.0),
 }
+UNTUNED = ((2e-3, 5e-3, 1e-2), 5.0)  # LoRA's grid
+VARIANTS = {"neuroada": [{"top_k": 20}]}  # rows beyond each registered method's default config
+PEERS = {"lora_r8": "LoRA r=8", "full_ft": "full fine-tuning"}  # PEFT's LoRA (r=8, alpha 16) and every weight
+
+
+def compared_methods() -> dict[str, Method]:
+    """Zero-shot, then the peers and every registered method's rows (:func:`_measure.method_rows`)."""
+    registered = {row.key: row for row in method_rows(VARIANTS)}
+    keys = [key for key in TUNED if key in registered or key in PEERS]
+    keys += [key for key in registered if key not in TUNED]
+    compared = {"zero_shot": Method("zero_shot", "zero-shot", trains=False)}
+    for key in keys:
+        grid, est_step_s = TUNED.get(key, UNTUNED)
+        row = registered.get(key)
+        compared[key] = Method(key, row.label if row else PEERS[key], grid, est_step_s, row)
+    return compared
+
+
+METHODS = compared_methods()
 EST_EVAL_S_PER_QUESTION = 0.18  # PIQA (2 options), merged model, 2 quiet cores
 EST_RUN_OVERHEAD_S = 8.0  # fork, model load, SFTTrainer setup (tokenising the rows)
 GRID_EVALS = ("validation", "heldout")  # grid runs: validation chooses; held-out kept for the chosen lr (seed 0)
@@ -187,21 +201,17 @@ def run_data(
 
 
 def peft_config(method: Method, model: Any) -> Any:
-    """NeuroAda, LoRA or NEAT config on the same modules (NeuroAda's defaults); ``None`` for full fine-tuning."""
-    from peft import LoraConfig
+    """The row's PEFT config, every method on the same modules (the registry's default targets for the
+    model type); ``None`` for full fine-tuning."""
+    if method.registered is not None:
+        return method.registered.config(task_type="CAUSAL_LM")
+    if method.name == "lora_r8":
+        from peft import LoraConfig
 
-    from neuroada_plugin import NeatConfig, NeuroAdaConfig
-    from neuroada_plugin.config_base import DEFAULT_TARGET_MODULES
+        from neuroada_plugin.config_base import DEFAULT_TARGET_MODULES
 
-    targets = DEFAULT_TARGET_MODULES[model.config.model_type]
-    if method.kind == "neuroada":
-        return NeuroAdaConfig(top_k=method.size, task_type="CAUSAL_LM")
-    if method.kind == "neat":
-        return NeatConfig(r=method.size, target_modules=targets, task_type="CAUSAL_LM")
-    if method.kind == "lora":
-        return LoraConfig(
-            r=method.size, lora_alpha=2 * method.size, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
-        )
+        targets = DEFAULT_TARGET_MODULES[model.config.model_type]
+        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     return None
 
 

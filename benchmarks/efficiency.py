@@ -33,9 +33,11 @@ of every layer; embeddings, norms and lm_head frozen except in ``full_ft``:
                          NeuroAda k=1's) is used and the exact count is reported.
 * ``dense_neuroada_k1``  the official NeuroAda code's forward, ``F.linear(x, W + scatter(idx,
                          theta))``, with the same selection (``select_connections``).
-* ``neuroada_k1/k20``    this project: ``peft.get_peft_model`` with ``NeuroAdaConfig(top_k=k)``.
-* ``neat_r8``            this project's NEAT, ``NeatConfig(r=8)`` (depth 0, relu, scale 1): the update
-                         ``s * B (act(A W0) x)`` without a weight-sized tensor.
+* every registered method of this project (``neuroada_plugin.registry``), ``peft.get_peft_model``
+  with its default config, named after the method and its size: ``neuroada_k1``
+  (``NeuroAdaConfig()``, top_k=1; ``neuroada_k20`` is the one extra variant) and ``neat_r8``
+  (``NeatConfig()``: r=8, depth 0, relu, scale 1; the update ``s * B (act(A W0) x)`` without a
+  weight-sized tensor).
 * ``peanut_r8``          PEFT's PEANuT (the same method), ``PeanutConfig(r=8)`` with the same settings:
                          builds the dense ``dW`` in every forward.
 
@@ -79,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -93,7 +96,9 @@ from typing import Any
 import torch
 from _measure import (
     MIB,
+    REPO_ROOT,
     DenseComposition,
+    MethodRow,
     PeakMemory,
     forkserver_context,
     git_state,
@@ -102,6 +107,7 @@ from _measure import (
     machine_info,
     make_allocator_transparent,
     markdown_header,
+    method_rows,
     mib,
     ratio,
     resolve_device,
@@ -113,23 +119,14 @@ from _measure import (
 )
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FLOOR = "frozen_backward"
-CONFIGS = (
-    FLOOR,
-    "full_ft",
-    "masked_ft",
-    "lora_r8",
-    "supertuning",
-    "shira",
-    "dense_neuroada_k1",
-    "neuroada_k1",
-    "neuroada_k20",
-    "neat_r8",
-    "peanut_r8",
-)
+# The references: the floor, full and masked fine-tuning, PEFT's LoRA, Super-Tuning and SHiRA, and
+# the official NeuroAda code's dense forward. Every registered method follows with its default
+# config (VARIANTS: more rows of a method), then PEFT's PEANuT, the peer of NEAT.
+REFERENCES = (FLOOR, "full_ft", "masked_ft", "lora_r8", "supertuning", "shira", "dense_neuroada_k1")
+PEERS_AFTER = ("peanut_r8",)
+VARIANTS = {"neuroada": [{"top_k": 20}]}
 SHIRA_R = 1  # smallest SHiRA budget: r * (in + out) entries per layer
 LEARNING_RATE = 1e-5
 MEMORY_STEPS = 1  # after the warm-up the AdamW state is alive: one step is the steady-state peak
@@ -161,6 +158,17 @@ TARGET_CHECKS = (
     ("neat_r8", "best-round step time <= 1.3 x LoRA r=8", "lora_r8", "time_best", NEAT_TIME_VS_LORA_TARGET),
     ("neat_r8", "median step time, all rounds <= 1.3 x LoRA r=8", "lora_r8", "time", NEAT_TIME_VS_LORA_TARGET),
 )
+
+
+@functools.cache
+def registered_rows() -> dict[str, MethodRow]:
+    """The registered methods' rows (:func:`_measure.method_rows`), by name."""
+    return {row.key: row for row in method_rows(VARIANTS)}
+
+
+def configs() -> tuple[str, ...]:
+    """Every configuration, in report order: the references, the registered methods, PEANuT."""
+    return (*REFERENCES, *registered_rows(), *PEERS_AFTER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +291,7 @@ def apply_config(config: str, model: nn.Module) -> tuple[nn.Module, list[nn.Para
     """Set ``model`` up for ``config``; returns (model, parameters given to AdamW, entries that can change)."""
     import peft
 
-    from neuroada_plugin import NeatConfig, NeuroAdaConfig, select_connections
+    from neuroada_plugin import select_connections
 
     targets = target_linears(model)
     if config == FLOOR:
@@ -314,8 +322,10 @@ def apply_config(config: str, model: nn.Module) -> tuple[nn.Module, list[nn.Para
         return model, trainable, unique_numel(trainable)
 
     target_list = list(TARGET_MODULES)
-    if config == "lora_r8":
-        peft_config: Any = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_list)
+    if config in registered_rows():
+        peft_config: Any = registered_rows()[config].config(target_modules=target_list)
+    elif config == "lora_r8":
+        peft_config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_list)
     elif config == "shira":
         peft_config = peft.ShiraConfig(r=SHIRA_R, target_modules=target_list, random_seed=0)
     elif config == "supertuning":
@@ -324,14 +334,10 @@ def apply_config(config: str, model: nn.Module) -> tuple[nn.Module, list[nn.Para
         peft_config = peft.SupertuningConfig(
             sparsity=supertuning_sparsity(smallest.out_features, smallest.in_features), target_modules=target_list
         )
-    elif config == "neat_r8":
-        peft_config = NeatConfig(r=8, target_modules=target_list)
     elif config == "peanut_r8":
         peft_config = peft.PeanutConfig(r=8, depth=0, act_fn="relu", scaling=1.0, target_modules=target_list)
-    elif config.startswith("neuroada_k"):
-        peft_config = NeuroAdaConfig(top_k=int(config.removeprefix("neuroada_k")), target_modules=target_list)
     else:
-        raise ValueError(f"unknown configuration {config!r}; known: {CONFIGS}")
+        raise ValueError(f"unknown configuration {config!r}; known: {configs()}")
     model = peft.get_peft_model(model, peft_config)
     if config == "supertuning":
         from peft.tuners.supertuning.layer import SupertuningLayer
@@ -674,20 +680,14 @@ def write_plot(rows: list[dict[str, Any]], models: list[ModelSpec], path: Path, 
     columns = [spec for spec in models if any(r["model"] == spec.key and "error" not in r for r in rows)]
     if not columns:
         return None
+    palette = ("tab:green", "tab:olive", "tab:cyan", "tab:purple", "tab:brown")  # one per registered method
+    methods = list(dict.fromkeys(row.method for row in registered_rows().values()))
+    method_colors = {key: palette[methods.index(row.method) % len(palette)] for key, row in registered_rows().items()}
     fig, axes = plt.subplots(2, len(columns), figsize=(6.5 * len(columns), 8), squeeze=False)
     for col, spec in enumerate(columns):
         ok = [r for r in rows if r["model"] == spec.key and "error" not in r]
         names = [r["config"] for r in ok]
-        colors = [
-            "tab:green"
-            if n.startswith("neuroada")
-            else "tab:olive"
-            if n == "neat_r8"
-            else "tab:blue"
-            if n == "lora_r8"
-            else "tab:gray"
-            for n in names
-        ]
+        colors = [method_colors.get(n, "tab:blue" if n == "lora_r8" else "tab:gray") for n in names]
         panels = (
             ([r["peak_over_weights_bytes"] / MIB for r in ok], "peak memory over loaded weights (MiB)"),
             ([r["median_step_s"] for r in ok], "median step time (s)"),
@@ -765,7 +765,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny stand-in models, 1 measured step")
     parser.add_argument("--models", nargs="+", choices=MODEL_KEYS, help="run only these models")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, help="run only these configurations (+ lora_r8)")
+    parser.add_argument("--configs", nargs="+", choices=configs(), help="run only these configurations (+ lora_r8)")
     parser.add_argument("--steps", type=int, help="measured steps per configuration (default 3; quick 1)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps before measuring (default 1)")
     parser.add_argument(
@@ -816,9 +816,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     overrides = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
     models = [dataclasses.replace(spec, **overrides) for spec in models]
-    configs = list(dict.fromkeys(args.configs or CONFIGS))
-    if "lora_r8" not in configs:  # every ratio is taken against it
-        configs.insert(0, "lora_r8")
+    selected = list(dict.fromkeys(args.configs or configs()))
+    if "lora_r8" not in selected:  # every ratio is taken against it
+        selected.insert(0, "lora_r8")
 
     checkpoint_dirs: dict[str, str | None] = {}
     for spec in models:
@@ -849,7 +849,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "mem_steps": MEMORY_STEPS,
                 "warmup": warmup,
             }
-            for config in configs
+            for config in selected
         ]
         rows += run_model(context, jobs, separate_timing, rounds, args.timeout)
     add_derived(rows)
@@ -877,7 +877,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "separate_timing_process": separate_timing,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "models": [dataclasses.asdict(spec) for spec in models],
-        "configs": configs,
+        "configs": selected,
         "shira_r": SHIRA_R,
         "rows": rows,
         "targets": evaluate_targets(rows),

@@ -6,7 +6,9 @@
 Every (model, base, method) runs in a fresh process (efficiency.py's forkserver machinery): load the
 model in fp32, for ``nf4`` replace the attention/MLP projections by ``bitsandbytes.nn.Linear4bit``
 (NF4, double quantization, compute fp32; ``lm_head`` and embeddings stay fp32, as transformers'
-``load_in_4bit`` leaves them), apply the method, one warm-up step (creates the AdamW state), then
+``load_in_4bit`` leaves them), apply the method (every registered method whose spec lists
+``bnb_4bit`` in ``quantized_layers``, with its default config; LoRA r=8; the frozen-backward
+floor), one warm-up step (creates the AdamW state), then
 one step under the peak-memory probe and ``--steps`` timed steps (median). Memory: peak RSS
 (``VmHWM``) on CPU, ``torch.cuda.max_memory_allocated`` on a GPU. "model + adapter" = memory held by the
 model and adapter above the process's baseline (interpreter + libraries) before the first step
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from _measure import (
     MIB,
+    MethodRow,
     PeakMemory,
     forkserver_context,
     git_state,
@@ -37,6 +40,7 @@ from _measure import (
     machine_info,
     make_allocator_transparent,
     markdown_header,
+    method_rows,
     resolve_device,
     run_isolated,
     sync,
@@ -48,8 +52,17 @@ from efficiency import FULL_MODELS, QUICK_MODELS, TARGET_MODULES, ModelSpec, loa
 from torch import nn
 
 BASES = ("fp32", "nf4")
-METHODS = ("frozen_backward", "neuroada_k1", "lora_r8")
-LABELS = {"frozen_backward": "frozen backward (floor)", "neuroada_k1": "NeuroAda k=1", "lora_r8": "LoRA r=8"}
+
+
+def quantized_rows() -> dict[str, MethodRow]:
+    """The registered methods that adapt a bitsandbytes 4-bit base (spec flag), each with its default config."""
+    return {row.key: row for row in method_rows(where=lambda spec: "bnb_4bit" in spec.quantized_layers)}
+
+
+def labels() -> dict[str, str]:
+    """Every compared row and its label, in report order: the floor, the registered methods, LoRA r=8."""
+    registered = {key: row.label for key, row in quantized_rows().items()}
+    return {"frozen_backward": "frozen backward (floor)", **registered, "lora_r8": "LoRA r=8"}
 
 
 def quantize_projections(model: nn.Module) -> int:
@@ -85,16 +98,14 @@ def quantize_projections(model: nn.Module) -> int:
 def apply_method(method: str, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
     import peft
 
-    from neuroada_plugin import NeuroAdaConfig
-
     if method == "frozen_backward":
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return model, []
-    if method == "lora_r8":
-        config: Any = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGET_MODULES))
-    elif method == "neuroada_k1":
-        config = NeuroAdaConfig(top_k=1, target_modules=list(TARGET_MODULES))
+    if method in quantized_rows():
+        config: Any = quantized_rows()[method].config(target_modules=list(TARGET_MODULES))
+    elif method == "lora_r8":
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGET_MODULES))
     else:
         raise ValueError(method)
     model = peft.get_peft_model(model, config)
@@ -148,6 +159,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def results_table(rows: list[dict[str, Any]], label: str) -> list[str]:
+    names = labels()
     floors = {r["base"]: r["result"]["peak_bytes"] for r in rows if r["method"] == "frozen_backward" and r["ok"]}
     lines = [
         f"### {label}",
@@ -158,13 +170,13 @@ def results_table(rows: list[dict[str, Any]], label: str) -> list[str]:
     ]
     for row in rows:
         if not row["ok"]:
-            lines.append(f"| {row['base']} | {LABELS[row['method']]} | failed: {row['error']} | | | | | |")
+            lines.append(f"| {row['base']} | {names[row['method']]} | failed: {row['error']} | | | | | |")
             continue
         r = row["result"]
         floor = floors.get(row["base"])
         added = "-" if floor is None else f"{(r['peak_bytes'] - floor) / MIB:,.0f}"
         lines.append(
-            f"| {row['base']} | {LABELS[row['method']]} | {r['trainable']:,} | "
+            f"| {row['base']} | {names[row['method']]} | {r['trainable']:,} | "
             f"{(r['loaded_bytes'] - r['baseline_bytes']) / MIB:,.0f} | {r['step_peak_over_loaded_bytes'] / MIB:,.0f} | "
             f"{r['peak_bytes'] / MIB:,.0f} | {added} | {r['step_s']:.2f} |"
         )
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for spec in models:
         rows = []
         for base in BASES:
-            for method in METHODS:
+            for method in labels():
                 job = {
                     "device": str(device),
                     "spec": dataclasses.asdict(spec),
@@ -234,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {r["result"]["memory_method"] for m in payload["models"].values() for r in m["rows"] if r["ok"]}
     )
     payload["machine"]["python"] = payload["machine"].get("python")
-    lines = markdown_header(payload, "QLoRA-style training: NeuroAda k=1 vs LoRA r=8 on a 4-bit (NF4) base")
+    compared = ", ".join(row.label for row in quantized_rows().values())
+    lines = markdown_header(payload, f"QLoRA-style training: {compared} vs LoRA r=8 on a 4-bit (NF4) base")
     lines += [f"- bitsandbytes: {payload['machine']['bitsandbytes']}; timed steps per configuration: {steps}", ""]
     for model in payload["models"].values():
         lines += results_table(model["rows"], f"{model['label']} ({model['batch']} x {model['seq']} tokens)")
