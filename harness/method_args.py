@@ -30,21 +30,17 @@ from typing import Any, Literal, Optional, Union
 
 from neuroada_plugin.registry import MethodSpec, get_method, methods
 
-__all__ = ["DEFAULT_METHOD", "exposed_fields", "method_arguments", "method_config", "method_title", "selected_method"]
+__all__ = ["DEFAULT_METHOD", "method_arguments", "method_config", "method_title", "selected_method"]
 
 DEFAULT_METHOD = "neuroada"
 _SCALARS = (bool, int, float, str)
 
 
 def method_title(method: str | MethodSpec) -> str:
-    """The method's display name: the spec's ``title``, else its config class without ``Config`` (``NeuroAda``)."""
+    """The method's display name (:attr:`MethodSpec.display_name`: its ``title``, else its config class without
+    ``Config``, e.g. ``NeuroAda``)."""
     spec = get_method(method) if isinstance(method, str) else method
-    return spec.title or spec.config_class().__name__.removesuffix("Config") or spec.name
-
-
-def exposed_fields(spec: MethodSpec) -> list[dataclasses.Field]:
-    """The config dataclass fields offered as flags (:meth:`MethodSpec.config_fields`), in declaration order."""
-    return spec.config_fields()
+    return spec.display_name
 
 
 def _cli_type(hint: Any) -> Any:
@@ -68,7 +64,7 @@ def _cli_type(hint: Any) -> Any:
 def _flags(spec: MethodSpec) -> list[tuple[dataclasses.Field, Any]]:
     """(config field, flag type) of every exposed field a command line can express."""
     hints = typing.get_type_hints(spec.config_class())
-    flags = [(f, _cli_type(hints.get(f.name, str))) for f in exposed_fields(spec)]
+    flags = [(f, _cli_type(hints.get(f.name, str))) for f in spec.config_fields()]
     return [(f, flag_type) for f, flag_type in flags if flag_type is not None]
 
 
