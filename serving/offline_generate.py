@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+# Runs in .venv-vllm, where this project is not installed: serving.serve (standard library only) is
+# imported from the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
