@@ -41,8 +41,12 @@ def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-def check_target(spec: MethodSpec, target: nn.Module, module_name: str) -> None:
-    """Raise :class:`UnsupportedTargetError` when ``spec``'s flags say its method cannot adapt ``target``."""
+def check_target(spec: MethodSpec, target: nn.Module, module_name: str, *, loading: bool = False) -> None:
+    """Raise :class:`UnsupportedTargetError` when ``spec``'s flags say its method cannot adapt ``target``.
+
+    ``loading``: the adapter is being loaded from a file (PEFT's inference mode), which brings what
+    creation would have read from the weight.
+    """
     base = _base(target)
     kind, title = type(base).__name__, spec.display_name
     quantized_kind = bnb_layer_kind(base)
@@ -77,6 +81,12 @@ def check_target(spec: MethodSpec, target: nn.Module, module_name: str) -> None:
         raise UnsupportedTargetError(
             f"{title} cannot adapt {module_name} ({kind}): only torch.nn.Linear layers are supported. Adjust "
             "target_modules (or exclude_modules) so it is not matched."
+        )
+    if base.weight.is_meta and spec.reads_weights_when_created and not spec.supports_sharding and not loading:
+        raise UnsupportedTargetError(
+            f"{title} cannot adapt {module_name}: its weight is on the meta device (not loaded on this process, e.g. "
+            f"FSDP cpu_ram_efficient_loading on a rank other than 0), and {title} reads the weight when the adapter is "
+            "created. Load the weights on every process, or create the adapter before sharding."
         )
     reads_weights = spec.reads_weights_in_forward or spec.reads_weights_when_created
     sharded = is_partitioned(base.weight) or base.weight.dim() != 2
@@ -126,7 +136,7 @@ class MethodTuner(BaseTuner):
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, module_name=current_key)
             return
-        check_target(self.spec, target, current_key)
+        check_target(self.spec, target, current_key, loading=bool(getattr(config, "inference_mode", False)))
         new_module = self.create_layer(target, adapter_name, config, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -153,7 +163,7 @@ class MethodTuner(BaseTuner):
             if self.prefix in key or not self._check_target_module_exists(peft_config, key):
                 continue
             try:
-                check_target(self.spec, module, key)
+                check_target(self.spec, module, key, loading=bool(getattr(peft_config, "inference_mode", False)))
                 base = _base(module)
                 in_features = getattr(base, "in_features", None) or full_shape(base.weight)[-1]
                 self.check_target_fits(peft_config, module, key, in_features)
