@@ -544,7 +544,7 @@ def _as_evaluation(ev: dict[str, Any]) -> commonsense.MCEvaluation:
 
 
 def verdict(summaries: dict[str, dict[str, Any]], runs_by_method: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """The issue's target: NeuroAda's best k reaches LoRA r=8's held-out accuracy.
+    """The target: NeuroAda's best k reaches LoRA r=8's held-out accuracy.
 
     Compared on the means over seeds, and paired: every seed of both methods trained on the same
     questions and was scored on the same held-out questions, so the per-question difference
@@ -593,7 +593,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_report(payload: dict[str, Any]) -> list[str]:
-    """The ``.md`` report: provenance, the main table, the lr grid, the verdict on the issue's target."""
+    """The ``.md`` report: provenance, the main table, the lr grid, the verdict on the target."""
     s = payload["settings"]
     title = (
         f"Held-out commonsense accuracy ({payload['model_id']}, {s['sources']}{', quick' if payload['quick'] else ''})"
@@ -651,7 +651,7 @@ def markdown_report(payload: dict[str, Any]) -> list[str]:
     zero = payload["summary"].get("zero_shot")
     if zero and zero.get("validation_accuracy") is not None:
         md.append(f"| zero-shot | - | {zero['validation_accuracy']:.3f} | - | {zero['heldout_mean']:.3f} | - |")
-    md += ["", "## NeuroAda's best k vs LoRA r=8 (the issue's target)", ""]
+    md += ["", "## NeuroAda's best k vs LoRA r=8 (the target)", ""]
     v = payload["verdict"]
     if not v["available"]:
         md.append("Not available (NeuroAda or LoRA runs missing).")

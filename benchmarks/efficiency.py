@@ -131,12 +131,12 @@ SHIRA_R = 1  # smallest SHiRA budget: r * (in + out) entries per layer
 LEARNING_RATE = 1e-5
 MEMORY_STEPS = 1  # after the warm-up the AdamW state is alive: one step is the steady-state peak
 
-# Issue targets for NeuroAda k=1 on SmolLM2 (memory = peak over the loaded weights).
+# Targets for NeuroAda k=1 on SmolLM2 (memory = peak over the loaded weights).
 TARGET_MODEL = "smollm2"
 MEMORY_VS_LORA_TARGET = 1.0
 MEMORY_VS_DENSE_TARGET = 0.6  # vs dense_neuroada_k1 and vs supertuning
 TIME_VS_LORA_TARGET = 1.15
-# NEAT r=8 (issue 15): memory within 1.1x LoRA r=8 and well under PEFT's PEANuT, step time within 1.3x LoRA.
+# NEAT r=8: memory within 1.1x LoRA r=8 and well under PEFT's PEANuT, step time within 1.3x LoRA.
 NEAT_MEMORY_VS_LORA_TARGET = 1.1
 NEAT_MEMORY_VS_PEANUT_TARGET = 0.9
 NEAT_TIME_VS_LORA_TARGET = 1.3
@@ -749,7 +749,7 @@ def markdown_report(payload: dict[str, Any], models: list[ModelSpec]) -> list[st
             "",
         ]
     md += [
-        f"## Issue targets (NeuroAda k=1, NEAT r=8; binding on `{TARGET_MODEL}`)",
+        f"## Targets (NeuroAda k=1, NEAT r=8; binding on `{TARGET_MODEL}`)",
         "",
         targets_table(payload["targets"]),
         "",

@@ -1,6 +1,6 @@
 """neuroada-merge vs PEFT merge_and_unload + save_pretrained (time, peak RSS), and vLLM serving speed.
 
-Issue 5 closing numbers, measured in one run:
+Measured in one run:
 
 1. Merge. For SmolLM2-135M-Instruct (fp32, one 538 MB file) and a synthetic Llama-shaped
    bf16 checkpoint of ~1.3 GB in 4 shards, with a NeuroAda adapter of top_k=20 (the paper's
