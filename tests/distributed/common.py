@@ -6,6 +6,7 @@ single-process run on the same global batch (never with something the workers co
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import subprocess
@@ -22,6 +23,13 @@ STEPS = 3
 LR = 1e-2
 TOP_K = 2
 VOCAB = 256
+
+
+# Set by ``launch`` for the worker processes only (torchrun starts each in its own session, out of reach
+# of a signal to the launcher): past this many seconds a worker dumps its stacks to stderr and exits 1.
+WORKER_DEADLINE_ENV = "NEUROADA_TEST_WORKER_DEADLINE_S"
+if os.environ.get(WORKER_DEADLINE_ENV):
+    faulthandler.dump_traceback_later(float(os.environ[WORKER_DEADLINE_ENV]), exit=True)
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -131,7 +139,13 @@ def top_abs_indices(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def launch(worker: str, out: Path, *args: str, env: dict | None = None, timeout: int = 300) -> dict:
-    """Run ``tests/distributed/<worker>`` on WORLD CPU processes; returns rank 0's ``result.json``."""
+    """Run ``tests/distributed/<worker>`` on WORLD CPU processes; returns rank 0's ``result.json``.
+
+    DeepSpeed JIT-builds a C++ op on its first ``init_distributed``; the build goes under ``out`` so that a
+    lock file left by an earlier interrupted build (torch waits on it forever, silently) cannot hang the run.
+    A worker still running after ``timeout`` seconds prints every thread's Python stack and exits (see
+    ``WORKER_DEADLINE_ENV``), so a hang fails with where it stuck rather than with an empty timeout.
+    """
     command = [
         sys.executable,
         "-m",
@@ -145,11 +159,24 @@ def launch(worker: str, out: Path, *args: str, env: dict | None = None, timeout:
         str(out),
         *args,
     ]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        WORKER_DEADLINE_ENV: str(timeout),
+        "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions"),
+        **(env or {}),
+    }
     full_env.pop("NEUROADA_PLUGIN_METHODS", None)
-    done = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+        done = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout + 60, cwd=ROOT)
+    except subprocess.TimeoutExpired as expired:
+        raise AssertionError(
+            f"{worker} still running after {timeout + 60} s:\n{expired.stdout}\n{expired.stderr}"
+        ) from None
     if done.returncode != 0:
-        raise AssertionError(f"{worker} failed ({done.returncode}):\n{done.stdout[-6000:]}\n{done.stderr[-8000:]}")
+        raise AssertionError(f"{worker} failed ({done.returncode}):\n{done.stdout[-6000:]}\n{done.stderr[-12000:]}")
     return json.loads((out / "result.json").read_text())
 
 
