@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .cli_exit import run_command
+from .cli_exit import run_command, stderr_log
 from .merge.cli import add_allow_base_mismatch, add_merge_arguments, merge_help, run_merge
 from .merge.cli import main as merge_main
 from .registry import MethodSpec, load_object, methods
@@ -97,7 +97,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         from .merge.sources import resolve_folder
         from .merge.verify import verify_merge
 
-        log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+        log = stderr_log(args.quiet)
         base = resolve_folder(args.base, "Base model")
         adapter = resolve_folder(args.adapter, "Adapter")
         merged = resolve_folder(args.merged, "Merged checkpoint")

@@ -11,7 +11,17 @@ import sys
 import textwrap
 from collections.abc import Callable
 
-__all__ = ["BAD_INPUT", "CHECK_FAILED", "DISK_FULL", "INTERRUPTED", "OK", "OUTPUT_EXISTS", "fail", "run_command"]
+__all__ = [
+    "BAD_INPUT",
+    "CHECK_FAILED",
+    "DISK_FULL",
+    "INTERRUPTED",
+    "OK",
+    "OUTPUT_EXISTS",
+    "fail",
+    "run_command",
+    "stderr_log",
+]
 
 OK, CHECK_FAILED, BAD_INPUT, OUTPUT_EXISTS, DISK_FULL, INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -21,6 +31,13 @@ def fail(prog: str, error: BaseException | str, code: int) -> int:
     message = "\n".join(textwrap.wrap(str(error), width=110, break_long_words=False, break_on_hyphens=False))
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
+
+
+def stderr_log(quiet: bool) -> Callable[[str], None]:
+    """Where a command's progress messages go: stderr (flushed), or nowhere with ``--quiet``."""
+    if quiet:
+        return lambda message: None
+    return lambda message: print(message, file=sys.stderr, flush=True)
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:

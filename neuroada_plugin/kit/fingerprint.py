@@ -150,7 +150,7 @@ def check_loaded_fingerprints(
         key = f"{prefix}{fingerprint_key}.{name}"
         if key not in state_dict:
             state_dict[key] = not_recorded()
-        elif read_weight is not None and is_recorded(state_dict[key]):
+        elif read_weight is not None and is_recorded(state_dict[key]) and not mismatch_allowed():
             with read_weight() as weight:
                 distance = fingerprint_distance(state_dict[key], weight_fingerprint(weight))
             if distance > TOLERANCE:

@@ -7,11 +7,11 @@ present for every adapter) and ``other_param_names``, and writes:
   :meth:`MethodLayer.record_fingerprint`);
 * ``adapter_output(x, adapter_name)``: what the adapter adds to the base layer's output;
 * ``check_merge_values(adapter_names)``, ``merge_into_weight(adapter_names)``, ``unmerge_from_weight()``:
-  its merge arithmetic (:func:`checked_finite` refuses NaN/inf with one error type).
+  its merge arithmetic (:func:`~.merge_checks.checked_finite` refuses NaN/inf with one error type).
 
 The base holds the rest, identical for every method: the forward (adapters disabled, merged,
-several active), the merge bookkeeping (only adapters this layer holds, every one checked before
-any weight is written), the frozen weight as the method reads it (gathered under ZeRO-3,
+several active), the merge bookkeeping (only adapters this layer holds; the tuner checks every layer
+before any is merged), the frozen weight as the method reads it (gathered under ZeRO-3,
 dequantized for bitsandbytes), and the base fingerprint (recorded at creation, compared on load).
 """
 
@@ -26,12 +26,12 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..registry import get_method
 from .fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
-from .merge_checks import checked_finite
 from .quantized import bnb_layer_kind, dequantize_weight
 from .sharded import full_shape, gathered
 
-__all__ = ["MethodLayer", "checked_finite", "layer_shape"]  # checked_finite: kit.merge_checks
+__all__ = ["MethodLayer", "layer_shape"]
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -41,7 +41,7 @@ def layer_shape(base: nn.Module) -> tuple[int, int]:
     (a packed 4-bit weight is ``[n_bytes, 1]``), the full shape of a ZeRO-3 partition."""
     if bnb_layer_kind(base) is not None:
         return base.out_features, base.in_features
-    out_features, in_features = full_shape(base.weight)
+    out_features, in_features = full_shape(base.weight)[-2:]
     return out_features, in_features
 
 
@@ -87,7 +87,11 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         raise NotImplementedError
 
     def merge_into_weight(self, adapter_names: list[str]) -> None:
-        """Write the adapters into the base weight and append them to ``merged_adapters``."""
+        """Write the adapters into the base weight and append them to ``merged_adapters``.
+
+        If any of them fails (NaN/inf), the weight must be left as it was: compute before writing,
+        or undo this call's writes.
+        """
         raise NotImplementedError
 
     def unmerge_from_weight(self) -> None:
@@ -122,12 +126,14 @@ class MethodLayer(nn.Module, BaseTunerLayer):
             self.check_merge_values(names)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merge into the base weight; every adapter is checked first (``safe_merge`` adds nothing)."""
+        """Merge into the base weight (``safe_merge`` adds nothing: a failing merge never writes).
+
+        Not checked again here: the tuner ran :meth:`check_merge` on every layer before any merges,
+        and :meth:`merge_into_weight` leaves the weight as it was if an adapter fails anyway.
+        """
         names = [name for name in check_adapters_to_merge(self, adapter_names) if self.has_adapter(name)]
-        if not names:
-            return
-        self.check_merge_values(names)
-        self.merge_into_weight(names)
+        if names:
+            self.merge_into_weight(names)
 
     def unmerge(self) -> None:
         if self.merged:
@@ -153,17 +159,14 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         with gathered([base.weight]):
             yield base.weight
 
-    def record_fingerprint(self, adapter_name: str, config: Any, weight: torch.Tensor | None = None) -> None:
-        """Store the fingerprint of the base weight ``adapter_name`` is created on.
+    def record_fingerprint(self, adapter_name: str, config: Any) -> None:
+        """Store the fingerprint of the base weight ``adapter_name`` is created on (read here).
 
-        ``weight``: the weight as the method just read it (no second read); otherwise it is read here.
         Loading (``inference_mode``) or meta weights: the "not recorded" placeholder, which the file
         being loaded replaces.
         """
         base_weight = self.get_base_layer().weight
-        if weight is not None:
-            fingerprint = weight_fingerprint(weight)
-        elif base_weight.is_meta or getattr(config, "inference_mode", False):
+        if base_weight.is_meta or getattr(config, "inference_mode", False):
             fingerprint = not_recorded()
         else:
             with self.read_weight() as read:
@@ -181,7 +184,7 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         self.check_loaded_state(state_dict, prefix)
         weight = self.get_base_layer().weight
         layer = prefix.removeprefix(_PEFT_MODEL_PREFIX).rstrip(".") or self.layer_name()
-        title = getattr(self, "method_title", self.method_name)
+        title = get_method(self.method_name).display_name
         check_loaded_fingerprints(
             self,
             state_dict,

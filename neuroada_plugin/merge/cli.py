@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 
-from ..cli_exit import run_command
+from ..cli_exit import run_command, stderr_log
 from ..registry import methods
 
 __all__ = ["add_allow_base_mismatch", "add_merge_arguments", "build_parser", "main", "merge_help", "run_merge"]
@@ -142,7 +142,7 @@ def run_merge(args: argparse.Namespace) -> int:
     def merge() -> str | None:
         from .streaming import merge_adapter_checkpoint
 
-        log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+        log = stderr_log(args.quiet)
         report = merge_adapter_checkpoint(
             args.base,
             args.adapter,

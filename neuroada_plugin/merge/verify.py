@@ -34,7 +34,8 @@ from ..errors import AdapterCheckpointError
 from ..kit.fingerprint import OVERRIDE_ENV
 from .errors import CheckpointFileError
 from .plan import plan_merge, tied_embeddings, vocabulary_resize
-from .sources import BaseCheckpoint, load_adapter, scan_base_checkpoint
+from .safetensors_io import DTYPES
+from .sources import load_adapter, scan_base_checkpoint
 
 __all__ = ["VerificationError", "verify_merge"]
 
@@ -100,15 +101,6 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _main_dtype(checkpoint: BaseCheckpoint) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's bytes."""
-    sizes: dict[torch.dtype, int] = {}
-    for entry in checkpoint.entries.values():
-        if entry.torch_dtype is not None and entry.torch_dtype.is_floating_point:
-            sizes[entry.torch_dtype] = sizes.get(entry.torch_dtype, 0) + entry.nbytes
-    return max(sizes, key=sizes.get) if sizes else torch.float32
-
-
 def verify_merge(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
@@ -132,7 +124,8 @@ def verify_merge(
     plan = plan_merge(adapter_ckpt, base_ckpt)  # the adapter fits this base (shapes, indices, files)
     merged_ckpt = scan_base_checkpoint(merged, "Merged checkpoint")
     vocab_size = vocabulary_resize(plan)
-    dtype = _main_dtype(merged_ckpt)
+    main = merged_ckpt.main_dtype()  # the safetensors dtype holding most of its floating-point bytes
+    dtype = DTYPES[main][1] if main in DTYPES else torch.float32
     register_all()  # the adapter's method must be a PEFT method (normally done already by the start-up hook)
 
     log(f"[verify] in-memory merge_and_unload in {_name(dtype)} (the merged checkpoint's dtype), bit-exact comparison")

@@ -6,9 +6,8 @@ Light on purpose (standard library only at import): ``neuroada-plugin --help`` b
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..cli_exit import run_command
+from ..cli_exit import run_command, stderr_log
 
 _DESCRIPTION = """\
 Write a standard PEFT LoRA adapter whose update equals a trained NEAT adapter exactly:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     def export() -> str | None:
         from .lora_export import export_lora_checkpoint
 
-        log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+        log = stderr_log(args.quiet)
         report = export_lora_checkpoint(
             args.base,
             args.adapter,

@@ -17,7 +17,6 @@ class NeatLayer(MethodLayer):
     when ``depth > 0``, ``neat_E`` / ``neat_D [depth, r, r]`` (encoder and decoder matrices, stacked)."""
 
     method_name = "neat"
-    method_title = "NEAT"
     adapter_layer_names = ("neat_A", "neat_B", "neat_E", "neat_D")
     other_param_names = ("neat_r", "neat_depth", "neat_act_fn", "neat_scaling", "neat_fingerprint")
 
@@ -92,11 +91,13 @@ class NeatLayer(MethodLayer):
 
     def merge_into_weight(self, adapter_names: list[str]) -> None:
         weight = self.get_base_layer().weight
-        if self._original_weight is None:
-            self._original_weight = weight.data.clone()
-        for name in adapter_names:
-            weight.data = self._merged(weight.data, self._original_weight, name)
-            self.merged_adapters.append(name)
+        original = self._original_weight if self._original_weight is not None else weight.data.clone()
+        merged = weight.data
+        for name in adapter_names:  # every update is computed (and checked) before the weight changes
+            merged = self._merged(merged, original, name)
+        self._original_weight = original
+        weight.data = merged
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge_from_weight(self) -> None:
         self.get_base_layer().weight.data = self._original_weight

@@ -66,23 +66,34 @@ class QuantizedLinear(Linear):
     def merge_into_weight(self, adapter_names: list[str]) -> None:
         """Dequantize, write ``W[i, idx[i, j]] += theta[i, j]``, re-quantize (warns: re-quantizing rounds).
 
-        The quantized weight in place before each merge is kept, so :meth:`unmerge` restores it exactly.
+        The quantized weight in place before each merge is kept, so :meth:`unmerge` restores it exactly
+        (and a later adapter that fails undoes this call's earlier ones).
         """
-        for name in adapter_names:
-            warnings.warn(
-                f"Merging NeuroAda adapter {name!r} into the {self.quantization} layer {self.layer_name()}: the "
-                "layer is dequantized, updated and re-quantized, which rounds (the merged layer is not exactly base "
-                "+ theta). For an exact merge, merge into the full-precision original: neuroada-plugin merge --base "
-                "<original> --adapter <adapter>.",
-                UserWarning,
-                stacklevel=2,
-            )
-            with self.read_weight() as dense:
-                indices, _, updated = self._merge_plan(name, dense)
-                put_entries_(dense, indices, updated)
-                self._merge_backup[name] = self._quantized_state()
-                self._set_quantized(dense)
-            self.merged_adapters.append(name)
+        merged_here: list[str] = []
+        try:
+            for name in adapter_names:
+                warnings.warn(
+                    f"Merging NeuroAda adapter {name!r} into the {self.quantization} layer {self.layer_name()}: the "
+                    "layer is dequantized, updated and re-quantized, which rounds (the merged layer is not exactly "
+                    "base + theta). For an exact merge, merge into the full-precision original: neuroada-plugin "
+                    "merge --base <original> --adapter <adapter>.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                with self.read_weight() as dense:
+                    indices, _, updated = self._merge_plan(name, dense)
+                    put_entries_(dense, indices, updated)
+                    self._merge_backup[name] = self._quantized_state()
+                    self._set_quantized(dense)
+                self.merged_adapters.append(name)
+                merged_here.append(name)
+        except BaseException:
+            if merged_here:
+                self._restore_quantized(self._merge_backup[merged_here[0]])
+                for name in merged_here:
+                    self._merge_backup.pop(name, None)
+                    self.merged_adapters.remove(name)
+            raise
 
     def unmerge_from_weight(self) -> None:
         """Restore the quantized weight from before the merges, byte for byte."""

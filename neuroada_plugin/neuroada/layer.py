@@ -43,7 +43,6 @@ class NeuroAdaLayer(MethodLayer):
     """
 
     method_name = "neuroada"
-    method_title = "NeuroAda"
     adapter_layer_names = ("neuroada_theta",)
     other_param_names = ("neuroada_indices", "neuroada_fingerprint")
 

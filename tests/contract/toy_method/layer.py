@@ -77,10 +77,13 @@ class ToyRankLayer(MethodLayer):
 
     def merge_into_weight(self, adapter_names: list[str]) -> None:
         weight = self.get_base_layer().weight
-        for name in adapter_names:
-            self._backup[name] = weight.data.clone()
-            weight.data = self._merged(weight.data, name)
-            self.merged_adapters.append(name)
+        steps = [weight.data]
+        for name in adapter_names:  # computed (and checked) before the weight changes
+            steps.append(self._merged(steps[-1], name))
+        for name, before in zip(adapter_names, steps, strict=False):
+            self._backup[name] = before.clone()
+        weight.data = steps[-1]
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge_from_weight(self) -> None:
         weight = self.get_base_layer().weight
