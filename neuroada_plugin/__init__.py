@@ -13,6 +13,7 @@ a second); the classes below are loaded on first access.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from ._lazy import lazy_exports
@@ -20,26 +21,49 @@ from .errors import AdapterCheckpointError, MergeError, UnsupportedTargetError
 
 __version__ = "0.1.0"
 
+_LAZY = {name: "neuroada" for name in ("NeuroAdaLayer", "select_connections")}
+
+
+def _method_classes() -> dict[str, str]:
+    """Config and tuner class of every built-in method, by class name -> module (from the registry)."""
+    from .registry import methods
+
+    found = {}
+    for spec in methods().values():
+        for path in (spec.config, spec.tuner):
+            module, _, name = path.partition(":")
+            if module.startswith(f"{__name__}."):
+                found[name] = module
+    return found
+
+
 __all__ = [
     "AdapterCheckpointError",
     "MergeError",
-    "NeatConfig",
-    "NeatModel",
-    "NeuroAdaConfig",
-    "NeuroAdaLayer",
-    "NeuroAdaModel",
     "UnsupportedTargetError",
     "__version__",
-    "select_connections",
+    *_LAZY,
+    *sorted(_method_classes()),
 ]
 
-_LAZY = {
-    **{name: "neuroada" for name in ("NeuroAdaConfig", "NeuroAdaLayer", "NeuroAdaModel", "select_connections")},
-    **{name: "neat" for name in ("NeatConfig", "NeatModel")},
-}
+_lazy_getattr, _lazy_dir = lazy_exports(__name__, _LAZY)
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return _lazy_getattr(name)
+    module = _method_classes().get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import peft  # noqa: F401  (first, on its own: the start-up hook registers every method with PEFT)
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*_lazy_dir(), *__all__})
 
 
 def _register_with_peft() -> None:

@@ -167,7 +167,7 @@ class MethodSpec:
 # One line per built-in method: its folder, whose ``__init__`` calls ``register(MethodSpec(...))``
 # and imports nothing heavy. Kept as import paths so that reading the registry costs nothing
 # until a method is asked for.
-BUILTIN_SPEC_MODULES: tuple[str, ...] = ("neuroada_plugin.neuroada", "neuroada_plugin.neat")
+BUILTIN_SPEC_MODULES: tuple[str, ...] = ("neuroada_plugin.neuroada", "neuroada_plugin.neat", "neuroada_plugin.smoa")
 
 # Methods living outside this package: a comma-separated list of modules that register a spec
 # on import. Read in every process that consults the registry (training scripts, the start-up

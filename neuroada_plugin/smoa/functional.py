@@ -1,0 +1,267 @@
+"""SMoA's math, shared by the tuner layer and the streaming-merge rule (torch only, no PEFT).
+
+Notation (PyTorch layout): ``W0`` is the frozen weight ``[out, in]``. ``rows`` and ``cols`` are
+permutations of ``range(out)`` and ``range(in)`` (the spectral orderings); cut into ``K`` contiguous
+groups (:func:`split_sizes`), they give the blocks ``R_k x C_k``. Block ``k`` has ``A_k: [r_k, |C_k|]``
+and ``B_k: [|R_k|, r_k]``, stored for all blocks in one flat tensor each (:class:`BlockLayout`), and
+adds ``dW[R_k, C_k] = s * (B_k @ A_k) * W0[R_k, C_k]`` (element-wise); ``dW`` is zero elsewhere.
+
+The layer never keeps a weight-sized tensor: :class:`BlockModulatedDelta` builds each block's
+``(B_k A_k) * W0[R_k, C_k]`` (``out * in / K^2`` entries) for one matmul, drops it, and rebuilds it
+in the backward pass from the frozen weight, which it reads again rather than saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..kit.merge_checks import checked_finite
+
+__all__ = [
+    "Block",
+    "BlockLayout",
+    "BlockModulatedDelta",
+    "block_ranks",
+    "check_order",
+    "delta_weight",
+    "merged_weight",
+    "spectral_order",
+    "spectral_orders",
+    "split_sizes",
+]
+
+# Centroids closer than (number of singular components) / 2**16 count as equal and keep index order,
+# so that the last-bit differences between LAPACK builds or thread counts rarely reorder rows.
+_CENTROID_RESOLUTION_BITS = 16
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` contiguous groups of ``total`` items, the first ``total % parts`` one larger."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if index < extra else 0) for index in range(parts)]
+
+
+def block_ranks(r: int, num_blocks: int, branch_ranks: list[int] | tuple[int, ...] | None = None) -> list[int]:
+    """Rank of each block: ``branch_ranks`` as given, else ``r`` split as evenly as possible (first blocks larger)."""
+    return list(branch_ranks) if branch_ranks is not None else split_sizes(r, num_blocks)
+
+
+class Block(NamedTuple):
+    """One block with a non-zero rank: its rows and columns, its factors (views) and their flat offsets."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    a_at: int
+    b_at: int
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Sizes of the ``K`` blocks of one layer and where each block's ``A_k`` / ``B_k`` sit in the flat tensors."""
+
+    row_sizes: tuple[int, ...]
+    col_sizes: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, out_features: int, in_features: int, ranks: list[int]) -> BlockLayout:
+        k = len(ranks)
+        return cls(tuple(split_sizes(out_features, k)), tuple(split_sizes(in_features, k)), tuple(ranks))
+
+    @property
+    def a_numel(self) -> int:
+        return sum(r * c for r, c in zip(self.ranks, self.col_sizes, strict=True))
+
+    @property
+    def b_numel(self) -> int:
+        return sum(n * r for n, r in zip(self.row_sizes, self.ranks, strict=True))
+
+    def blocks(
+        self, a_flat: torch.Tensor, b_flat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> Iterator[Block]:
+        """Every block with a non-zero rank (its factors are views of the flat tensors, not copies)."""
+        a_at = b_at = row_at = col_at = 0
+        for n_rows, n_cols, rank in zip(self.row_sizes, self.col_sizes, self.ranks, strict=True):
+            if rank > 0:
+                a = a_flat[a_at : a_at + rank * n_cols].view(rank, n_cols)
+                b = b_flat[b_at : b_at + n_rows * rank].view(n_rows, rank)
+                yield Block(rows[row_at : row_at + n_rows], cols[col_at : col_at + n_cols], a, b, a_at, b_at)
+            a_at, b_at = a_at + rank * n_cols, b_at + n_rows * rank
+            row_at, col_at = row_at + n_rows, col_at + n_cols
+
+
+# ------------------------------------------------------------------------------------------------ orderings
+
+
+def spectral_order(vectors: torch.Tensor, singular_values: torch.Tensor) -> torch.Tensor:
+    """Coordinates sorted by spectral centroid, ascending (int64).
+
+    ``vectors``: ``[n, q]`` singular vectors (``U``, or ``V`` for columns). Coordinate ``i``'s energy in
+    component ``j`` is ``(vectors[i, j] * sigma_j)^2``; its centroid is the energy-weighted mean ``j``.
+    Coordinates without energy (zero rows) get centroid 0. Ties (within ``q / 2**16``) keep index order.
+    """
+    n, q = vectors.shape
+    if n == 0 or q == 0:
+        return torch.arange(n, dtype=torch.int64, device=vectors.device)
+    energy = (vectors.double() * singular_values.double()).square()
+    total = energy.sum(dim=1)
+    weighted = energy @ torch.arange(q, dtype=torch.float64, device=vectors.device)
+    centroid = torch.where(total > 0, weighted / total.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    quantized = torch.round(centroid * ((1 << _CENTROID_RESOLUTION_BITS) / q)).to(torch.int64)
+    return torch.sort(quantized, stable=True).indices
+
+
+def spectral_orders(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)``: the row and column orderings of ``weight`` (``[out, in]``), from one float32 SVD.
+
+    Runs on the weight's device; falls back to the CPU when the device's SVD fails (as the authors' code).
+    """
+    matrix = weight.detach().to(torch.float32)
+    try:
+        u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+    except RuntimeError:
+        u, sigma, vh = torch.linalg.svd(matrix.cpu(), full_matrices=False)
+    rows, cols = spectral_order(u, sigma), spectral_order(vh.T, sigma)
+    return rows.to(weight.device), cols.to(weight.device)
+
+
+def check_order(order: torch.Tensor, size: int) -> str | None:
+    """``None`` when ``order`` is a permutation of ``range(size)`` as an integer vector, else what is wrong."""
+    if order.dtype.is_floating_point or order.dtype == torch.bool or order.is_complex():
+        return f"dtype {order.dtype} (an integer permutation is needed)"
+    if tuple(order.shape) != (size,):
+        return f"shape {tuple(order.shape)} (expected ({size},))"
+    if order.is_meta:
+        return None
+    expected = torch.arange(size, device=order.device, dtype=torch.int64)
+    if not torch.equal(torch.sort(order.to(torch.int64)).values, expected):
+        return f"values that are not a permutation of 0..{size - 1}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+WeightReader = Callable[[], AbstractContextManager[torch.Tensor]]
+
+
+def _block_of(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W0[rows, cols]`` (a gathered copy) in ``dtype``."""
+    return weight[rows[:, None], cols[None, :]].to(dtype)
+
+
+class BlockModulatedDelta(torch.autograd.Function):
+    """``dW x`` without the scale ``s``: ``[..., in] -> [..., out]``, in ``a_flat``'s dtype.
+
+    Saves ``x``, the flat factors and the orderings; the frozen weight is read through ``read_weight``
+    (a context manager yielding the full ``[out, in]`` weight) in the forward and again in the backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        a_flat: torch.Tensor,
+        b_flat: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        layout: BlockLayout,
+        read_weight: WeightReader,
+    ) -> torch.Tensor:
+        dtype, out_features = a_flat.dtype, rows.shape[0]
+        flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
+        result = flat_x.new_zeros(flat_x.shape[0], out_features)
+        with read_weight() as weight:
+            for blk in layout.blocks(a_flat, b_flat.to(dtype), rows, cols):
+                block = (blk.b @ blk.a).mul_(_block_of(weight, blk.rows, blk.cols, dtype))  # (B_k A_k) * W0[R_k, C_k]
+                result[:, blk.rows] = flat_x[:, blk.cols] @ block.T
+                del block
+        ctx.save_for_backward(x, a_flat, b_flat, rows, cols)
+        ctx.layout, ctx.read_weight = layout, read_weight
+        return result.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, a_flat, b_flat, rows, cols = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dtype = a_flat.dtype
+        flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
+        flat_grad = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        b_compute = b_flat.to(dtype)
+        grad_x = torch.zeros_like(flat_x) if need_x else None
+        grad_a = torch.zeros_like(a_flat) if need_a else None
+        grad_b = torch.zeros_like(b_compute) if need_b else None
+        with ctx.read_weight() as weight:
+            for blk in ctx.layout.blocks(a_flat, b_compute, rows, cols):
+                anchor = _block_of(weight, blk.rows, blk.cols, dtype)
+                grad_k = flat_grad[:, blk.rows]
+                if need_x:
+                    grad_x[:, blk.cols] = grad_k @ (blk.b @ blk.a).mul_(anchor)
+                if need_a or need_b:
+                    grad_product = (grad_k.T @ flat_x[:, blk.cols]).mul_(anchor)  # d loss / d (B_k A_k)
+                    if need_a:
+                        grad_a[blk.a_at : blk.a_at + blk.a.numel()] = (blk.b.T @ grad_product).reshape(-1)
+                    if need_b:
+                        grad_b[blk.b_at : blk.b_at + blk.b.numel()] = (grad_product @ blk.a.T).reshape(-1)
+                    del grad_product
+                del anchor
+        return (
+            None if grad_x is None else grad_x.view(x.shape).to(x.dtype),
+            grad_a,
+            None if grad_b is None else grad_b.to(b_flat.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def delta_weight(
+    weight: torch.Tensor,
+    a_flat: torch.Tensor,
+    b_flat: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    layout: BlockLayout,
+    scaling: float,
+) -> torch.Tensor:
+    """The dense ``dW`` (``[out, in]``, float32) of the original weight ``weight``; for merging only."""
+    f32 = torch.float32
+    delta = torch.zeros(weight.shape, dtype=f32, device=weight.device)
+    a_flat, b_flat = a_flat.detach().to(weight.device, f32), b_flat.detach().to(weight.device, f32)
+    rows, cols = rows.to(weight.device), cols.to(weight.device)
+    for blk in layout.blocks(a_flat, b_flat, rows, cols):
+        block = (blk.b @ blk.a).mul_(_block_of(weight, blk.rows, blk.cols, f32)).mul_(scaling)
+        delta[blk.rows[:, None], blk.cols[None, :]] = block
+    return delta
+
+
+def merged_weight(
+    current: torch.Tensor,
+    original: torch.Tensor,
+    a_flat: torch.Tensor,
+    b_flat: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    layout: BlockLayout,
+    scaling: float,
+    what: str = "an SMoA adapter",
+) -> torch.Tensor:
+    """``current + dW(original)`` computed in float32, returned in ``current``'s dtype (:class:`MergeError` for NaN/inf).
+
+    ``original`` is the weight before any adapter was merged: SMoA's update modulates it, so a second
+    adapter merged on top still reads the pre-merge weight.
+    """
+    delta = delta_weight(original, a_flat, b_flat, rows, cols, layout, scaling)
+    merged = (current.to(torch.float32) + delta).to(current.dtype)
+    return checked_finite(merged, what=what)
