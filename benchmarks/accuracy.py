@@ -114,7 +114,9 @@ class Method:
 # with --grid). NeuroAda trains single weights per neuron, so its rates sit ~10x above LoRA's
 # (PIQA, 32 steps, k=1: 1e-3 -> -0.015, 5e-3 -> +0.000, 2e-2 -> +0.025, 5e-2 -> +0.03 over
 # zero-shot); k=20 moves 20 weights per neuron, so its grid is shifted down. NEAT starts from
-# B = 0 like LoRA and has LoRA's parameter shapes: LoRA's grid. This table also orders the report;
+# B = 0 like LoRA and has LoRA's parameter shapes: LoRA's grid. SMoA's update (B A) * W0 is scaled by
+# the frozen entries (|W0| ~ 0.03), so its factors need larger steps than LoRA's: the grid sits ~5-10x
+# above LoRA's. This table also orders the report;
 # a registered method without an entry runs with UNTUNED after the rows listed here.
 TUNED: dict[str, tuple[tuple[float, ...], float]] = {  # row -> (lr grid, estimated step seconds)
     "neuroada_k1": ((1e-2, 2e-2, 5e-2), 4.5),
@@ -122,9 +124,12 @@ TUNED: dict[str, tuple[tuple[float, ...], float]] = {  # row -> (lr grid, estima
     "lora_r8": ((2e-3, 5e-3, 1e-2), 4.6),
     "full_ft": ((1e-5, 3e-5, 1e-4), 4.9),
     "neat_r8": ((2e-3, 5e-3, 1e-2), 5.0),
+    "smoa_r16": ((1e-2, 3e-2, 1e-1), 7.0),
 }
 UNTUNED = ((2e-3, 5e-3, 1e-2), 5.0)  # LoRA's grid
-VARIANTS = {"neuroada": [{"top_k": 20}]}  # rows beyond each registered method's default config
+# Rows beyond each registered method's default config. SMoA r=16 (2 blocks, alpha = r: scale 1 as the
+# authors' defaults) trains about LoRA r=8's parameter count.
+VARIANTS = {"neuroada": [{"top_k": 20}], "smoa": [{"r": 16, "alpha": 16.0}]}
 PEERS = {"lora_r8": "LoRA r=8", "full_ft": "full fine-tuning"}  # PEFT's LoRA (r=8, alpha 16) and every weight
 
 

@@ -40,6 +40,10 @@ of every layer; embeddings, norms and lm_head frozen except in ``full_ft``:
   weight-sized tensor).
 * ``peanut_r8``          PEFT's PEANuT (the same method), ``PeanutConfig(r=8)`` with the same settings:
                          builds the dense ``dW`` in every forward.
+* ``smoa_r16``           SMoA with 2 blocks and r=16 (alpha 16): about LoRA r=8's trainable count
+                         (``smoa_r8``, the authors' default, trains about half of it).
+* ``hira_r8``            PEFT's HiRA, r=8 (SMoA with one block is HiRA): ``W0 * (B A)`` as a dense
+                         weight-sized tensor in every forward, the peer of SMoA.
 
 AdamW (lr 1e-5, weight_decay 0 so that masked entries really stay put) on the trainable
 tensors only. Checkpoint weights are copied out of the safetensors mmap right after loading:
@@ -123,10 +127,10 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 FLOOR = "frozen_backward"
 # The references: the floor, full and masked fine-tuning, PEFT's LoRA, Super-Tuning and SHiRA, and
 # the official NeuroAda code's dense forward. Every registered method follows with its default
-# config (VARIANTS: more rows of a method), then PEFT's PEANuT, the peer of NEAT.
+# config (VARIANTS: more rows of a method), then PEFT's PEANuT and HiRA, the peers of NEAT and SMoA.
 REFERENCES = (FLOOR, "full_ft", "masked_ft", "lora_r8", "supertuning", "shira", "dense_neuroada_k1")
-PEERS_AFTER = ("peanut_r8",)
-VARIANTS = {"neuroada": [{"top_k": 20}]}
+PEERS_AFTER = ("peanut_r8", "hira_r8")
+VARIANTS = {"neuroada": [{"top_k": 20}], "smoa": [{"r": 16, "alpha": 16.0}]}
 SHIRA_R = 1  # smallest SHiRA budget: r * (in + out) entries per layer
 LEARNING_RATE = 1e-5
 MEMORY_STEPS = 1  # after the warm-up the AdamW state is alive: one step is the steady-state peak
@@ -140,6 +144,10 @@ TIME_VS_LORA_TARGET = 1.15
 NEAT_MEMORY_VS_LORA_TARGET = 1.1
 NEAT_MEMORY_VS_PEANUT_TARGET = 0.9
 NEAT_TIME_VS_LORA_TARGET = 1.3
+# SMoA r=16 (about LoRA r=8's trainable count): memory within 1.2x LoRA and <= HiRA's, time within 1.5x LoRA.
+SMOA_MEMORY_VS_LORA_TARGET = 1.2
+SMOA_MEMORY_VS_HIRA_TARGET = 1.0
+SMOA_TIME_VS_LORA_TARGET = 1.5
 # (method, target text, reference config, kind, limit); kinds: memory, time_best (deciding), time (shown).
 TARGET_CHECKS = (
     ("neuroada_k1", "peak over weights <= LoRA r=8", "lora_r8", "memory", MEMORY_VS_LORA_TARGET),
@@ -157,6 +165,10 @@ TARGET_CHECKS = (
     ("neat_r8", "peak over weights <= 0.9 x PEANuT r=8", "peanut_r8", "memory", NEAT_MEMORY_VS_PEANUT_TARGET),
     ("neat_r8", "best-round step time <= 1.3 x LoRA r=8", "lora_r8", "time_best", NEAT_TIME_VS_LORA_TARGET),
     ("neat_r8", "median step time, all rounds <= 1.3 x LoRA r=8", "lora_r8", "time", NEAT_TIME_VS_LORA_TARGET),
+    ("smoa_r16", "peak over weights <= 1.2 x LoRA r=8", "lora_r8", "memory", SMOA_MEMORY_VS_LORA_TARGET),
+    ("smoa_r16", "peak over weights <= HiRA r=8", "hira_r8", "memory", SMOA_MEMORY_VS_HIRA_TARGET),
+    ("smoa_r16", "best-round step time <= 1.5 x LoRA r=8", "lora_r8", "time_best", SMOA_TIME_VS_LORA_TARGET),
+    ("smoa_r16", "median step time, all rounds <= 1.5 x LoRA r=8", "lora_r8", "time", SMOA_TIME_VS_LORA_TARGET),
 )
 
 
@@ -167,7 +179,7 @@ def registered_rows() -> dict[str, MethodRow]:
 
 
 def configs() -> tuple[str, ...]:
-    """Every configuration, in report order: the references, the registered methods, PEANuT."""
+    """Every configuration, in report order: the references, the registered methods, the PEFT peers."""
     return (*REFERENCES, *registered_rows(), *PEERS_AFTER)
 
 
@@ -336,6 +348,8 @@ def apply_config(config: str, model: nn.Module) -> tuple[nn.Module, list[nn.Para
         )
     elif config == "peanut_r8":
         peft_config = peft.PeanutConfig(r=8, depth=0, act_fn="relu", scaling=1.0, target_modules=target_list)
+    elif config == "hira_r8":
+        peft_config = peft.HiraConfig(r=8, target_modules=target_list)
     else:
         raise ValueError(f"unknown configuration {config!r}; known: {configs()}")
     model = peft.get_peft_model(model, peft_config)

@@ -110,6 +110,9 @@ EFFICIENCY_CONFIGS = {
     "neuroada_k20",
     "neat_r8",
     "peanut_r8",
+    "smoa_r8",
+    "smoa_r16",
+    "hira_r8",
 }
 
 
@@ -162,6 +165,10 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
         # NEAT and PEANuT at r=8, depth 0: A [r, out] + B [out, r] per layer, the same count for both.
         assert by_config["neat_r8"]["trainable_params"] == 2 * 8 * out_sum, key
         assert by_config["peanut_r8"]["trainable_params"] == 2 * 8 * out_sum, key
+        # SMoA, 2 blocks of equal rank r/2: every row and column sits in exactly one block; HiRA: LoRA's shapes.
+        assert by_config["smoa_r8"]["trainable_params"] == 4 * in_out_sum, key
+        assert by_config["smoa_r16"]["trainable_params"] == 8 * in_out_sum, key
+        assert by_config["hira_r8"]["trainable_params"] == 8 * in_out_sum, key
 
     smollm2 = [t for t in payload["targets"] if t["model"] == "smollm2"]
     targets = {t["kind"]: t for t in smollm2 if t["method"] == "neuroada_k1"}
@@ -173,6 +180,8 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
         ("neuroada_k1", "time_best"),
         *[("neat_r8", "memory")] * 2,
         ("neat_r8", "time_best"),
+        *[("smoa_r16", "memory")] * 2,
+        ("smoa_r16", "time_best"),
     ]
     rows = {r["config"]: r for r in payload["rows"] if r["model"] == "smollm2"}
     neat_vs_peanut = next(t for t in smollm2 if t["reference"] == "peanut_r8")
