@@ -328,3 +328,12 @@ def test_streaming_merge_uses_the_saved_orderings(tmp_path):
     in_memory = model.merge_and_unload().state_dict()
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
         assert torch.equal(merged[name], in_memory[name])
+
+
+def test_a_file_without_its_orderings_is_refused_not_reordered(tmp_path):
+    smoa_model().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(("smoa_rows", "smoa_cols"))},
+              tmp_path / "adapter_model.safetensors")  # fmt: skip
+    with pytest.raises(AdapterCheckpointError, match=r"SMoA layer q_proj: .*factors but not both of its orderings"):
+        PeftModel.from_pretrained(TwoLayers(), tmp_path)

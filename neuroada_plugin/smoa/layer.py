@@ -176,10 +176,12 @@ class SmoaLayer(MethodLayer):
             found = [f"{prefix}{kind}.{name}" in state_dict for kind in sizes]
             if all(found):
                 self._pending_orders.discard(name)
-            elif any(found):
+            elif any(found) or f"{prefix}smoa_A.{name}" in state_dict:
+                # Factors without their orderings: recomputing them could misplace every block.
                 raise AdapterCheckpointError(
-                    f"SMoA layer {layer}: the file holds only one of smoa_rows/smoa_cols for adapter {name!r}; both "
-                    "orderings are needed. Re-save the adapter with save_pretrained."
+                    f"SMoA layer {layer}: the file holds adapter {name!r}'s factors but not both of its orderings "
+                    "(smoa_rows, smoa_cols), which are never recomputed on load. Re-save the adapter with "
+                    "save_pretrained."
                 )
         for kind, numel in (("smoa_A", "a_numel"), ("smoa_B", "b_numel")):
             for key in [k for k in state_dict if k.startswith(f"{prefix}{kind}.")]:
