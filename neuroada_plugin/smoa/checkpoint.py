@@ -9,6 +9,7 @@ torch only (no PEFT, no Transformers).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -59,8 +60,10 @@ def read_smoa_module(module: AdapterModule) -> SmoaModuleTensors:
             f"{where}: adapter_config.json has branch_ranks={ranks}, which is not {num_blocks} ranks summing to r={r}."
         )
     alpha = config.get("alpha", 8.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise AdapterCheckpointError(f"{where}: adapter_config.json has alpha={alpha!r}; a number is needed.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterCheckpointError(f"{where}: adapter_config.json has alpha={alpha!r}; a finite number is needed.")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in ranks):
+        raise AdapterCheckpointError(f"{where}: adapter_config.json has branch_ranks={ranks}; integers are needed.")
     rows, cols = module.tensors["rows"], module.tensors["cols"]
     for name, order in (("rows", rows), ("cols", cols)):
         if order.dim() != 1:
