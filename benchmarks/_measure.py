@@ -372,7 +372,7 @@ def write_text_atomically(path: Path, text: str) -> None:
 # The registered methods as rows, and the reference implementations compared against
 # --------------------------------------------------------------------------------------------
 
-SIZE_FIELDS = (("top_k", "k"), ("r", "r"))
+SIZE_FIELDS = (("top_k", "k"), ("r", "r"), ("neuron_share", "share"))
 """Config fields that size a method, and the letter a row's name gives them (``neuroada_k1``, ``neat_r8``)."""
 
 
@@ -386,10 +386,10 @@ class MethodRow:
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def config(self, **settings: Any) -> Any:
-        """The method's config: its defaults, ``settings`` (targets, task type), then the row's overrides."""
+        """The method's config: its data-free defaults, ``settings`` (targets, task type), then the row's overrides."""
         from neuroada_plugin.registry import get_method
 
-        return get_method(self.method).config_class()(**{**settings, **dict(self.overrides)})
+        return get_method(self.method).data_free_config(**{**settings, **dict(self.overrides)})
 
 
 def method_rows(
@@ -408,6 +408,7 @@ def method_rows(
         if where is not None and not where(spec):
             continue
         defaults = {f.name: f.default for f in dataclasses.fields(spec.config_class())}
+        defaults.update(spec.data_free_settings)
         for overrides in ({}, *(variants or {}).get(spec.name, ())):
             values = {**defaults, **overrides}
             key, label = spec.name, spec.display_name

@@ -87,6 +87,10 @@ class MethodSpec:
             example-script flags. Empty: every field the config declares beyond PEFT's own.
         cli_commands: Optional subcommands: import paths of callables
             ``register(subparsers) -> None`` added to ``neuroada-plugin``.
+        data_free_settings: Config overrides that make the method usable without the user's data, for
+            generic callers that only have a model (the method contract, benchmark rows, examples' defaults):
+            empty when the default config needs nothing more. NeFT's default reads a selection file made
+            from data; its data-free ablation is ``selection="magnitude"`` with a budget.
     """
 
     name: str
@@ -103,6 +107,7 @@ class MethodSpec:
     supports_sharding: bool = False
     exposed_fields: tuple[str, ...] = ()
     cli_commands: tuple[str, ...] = field(default_factory=tuple)
+    data_free_settings: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name != self.name.lower():
@@ -134,6 +139,10 @@ class MethodSpec:
     def config_class(self) -> type:
         """The ``PeftConfig`` subclass (imports PEFT)."""
         return load_object(self.config)
+
+    def data_free_config(self, **settings: Any) -> Any:
+        """A config that needs no user data: ``settings``, then :attr:`data_free_settings` where not given."""
+        return self.config_class()(**{**dict(self.data_free_settings), **settings})
 
     def tuner_class(self) -> type:
         """The ``BaseTuner`` subclass (imports PEFT)."""
@@ -167,7 +176,12 @@ class MethodSpec:
 # One line per built-in method: its folder, whose ``__init__`` calls ``register(MethodSpec(...))``
 # and imports nothing heavy. Kept as import paths so that reading the registry costs nothing
 # until a method is asked for.
-BUILTIN_SPEC_MODULES: tuple[str, ...] = ("neuroada_plugin.neuroada", "neuroada_plugin.neat", "neuroada_plugin.smoa")
+BUILTIN_SPEC_MODULES: tuple[str, ...] = (
+    "neuroada_plugin.neuroada",
+    "neuroada_plugin.neat",
+    "neuroada_plugin.smoa",
+    "neuroada_plugin.neft",
+)
 
 # Methods living outside this package: a comma-separated list of modules that register a spec
 # on import. Read in every process that consults the registry (training scripts, the start-up

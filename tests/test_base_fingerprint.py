@@ -39,7 +39,7 @@ SMALL = dict(vocab_size=1000)
 
 
 def _config(method: str):
-    return methods()[method].config_class()(init_weights=False)
+    return methods()[method].data_free_config(init_weights=False)
 
 
 @pytest.fixture(scope="module", params=METHODS)
@@ -53,8 +53,9 @@ def trained(request, tmp_path_factory) -> dict:
     prefix = methods()[request.param].prefix
     saved = load_file(root / "adapter" / "adapter_model.safetensors")
     fingerprints = {k: v for k, v in saved.items() if k.endswith(f".{prefix}fingerprint")}
-    assert len(fingerprints) == 14 and all(v.shape == (16,) for v in fingerprints.values())
-    return {"root": root, "method": request.param, "prefix": prefix, "fingerprints": fingerprints}
+    adapted = [m for m in model.modules() if isinstance(m, methods()[request.param].tuner_class().tuner_layer_cls)]
+    assert len(fingerprints) == len(adapted) >= 4 and all(v.shape == (16,) for v in fingerprints.values())
+    return {"root": root, "method": request.param, "prefix": prefix, "fingerprints": fingerprints, "layers": len(adapted)}
 
 
 def _merge(root: Path, base: str, out: str, *extra: str, capsys) -> tuple[int, str]:
@@ -89,13 +90,13 @@ def test_merge_onto_another_model_is_refused_unless_allowed(trained, capsys):
     code, _ = _merge(root, "other", "allowed", "--allow-base-mismatch", capsys=capsys)
     assert code == 0
     recorded = json.loads((root / "allowed" / "merge_info.json").read_text())["base_fingerprint"]
-    assert recorded["mismatch_allowed"] is True and recorded["layers_checked"] == 14
+    assert recorded["mismatch_allowed"] is True and recorded["layers_checked"] == trained["layers"]
     assert recorded["max_distance"] > 3 * TOLERANCE
 
     code, _ = _merge(root, "base", "right", capsys=capsys)
     assert code == 0
     recorded = json.loads((root / "right" / "merge_info.json").read_text())["base_fingerprint"]
-    assert recorded["layers_checked"] == 14 and recorded["max_distance"] < 1e-5 and not recorded["mismatch_allowed"]
+    assert recorded["layers_checked"] == trained["layers"] and recorded["max_distance"] < 1e-5 and not recorded["mismatch_allowed"]
 
 
 def test_verify_and_peft_loading_refuse_another_model(trained, capsys, monkeypatch):
@@ -111,7 +112,7 @@ def test_verify_and_peft_loading_refuse_another_model(trained, capsys, monkeypat
         PeftModel.from_pretrained(other, root / "adapter")
     monkeypatch.setenv(OVERRIDE_ENV, "1")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "other"), root / "adapter")
-    assert sum(1 for n, _ in loaded.named_buffers() if f".{trained['prefix']}fingerprint." in n) == 14
+    assert sum(1 for n, _ in loaded.named_buffers() if f".{trained['prefix']}fingerprint." in n) == trained["layers"]
 
 
 def test_an_adapter_saved_before_fingerprints_merges_and_loads_without_a_check(trained, tmp_path, capsys):
@@ -123,16 +124,16 @@ def test_an_adapter_saved_before_fingerprints_merges_and_loads_without_a_check(t
     save_file({k: v for k, v in saved.items() if k not in trained["fingerprints"]}, old / "adapter_model.safetensors")
     code = plugin_main(["merge", "--base", str(root / "other"), "--adapter", str(old), "--output", str(tmp_path / "m")])
     assert code == 0
-    assert "records no base fingerprint (14 layers" in " ".join(capsys.readouterr().err.split())
+    assert f"records no base fingerprint ({trained['layers']} layers" in " ".join(capsys.readouterr().err.split())
     recorded = json.loads((tmp_path / "m" / "merge_info.json").read_text())["base_fingerprint"]
-    assert recorded["layers_checked"] == 0 and recorded["layers_without_fingerprint"] == 14
+    assert recorded["layers_checked"] == 0 and recorded["layers_without_fingerprint"] == trained["layers"]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), old)
     assert not [w for w in caught if "missing" in str(w.message).lower()]  # no "missing adapter keys" warning
     fingerprints = [b for n, b in loaded.named_buffers() if f".{trained['prefix']}fingerprint." in n]
-    assert len(fingerprints) == 14 and all(not b.any() for b in fingerprints)  # "not recorded", saved as such
+    assert len(fingerprints) == trained["layers"] and all(not b.any() for b in fingerprints)  # "not recorded", saved as such
 
 
 def test_an_adapter_trained_on_4bit_merges_into_its_full_precision_original(tmp_path, capsys):

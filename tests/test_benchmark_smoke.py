@@ -55,9 +55,11 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
         assert key in payload, key
     assert payload["machine"]["torch"] and payload["git"]["commit"]
     assert not payload["failures"]
-    assert payload["runs_executed"] == len(payload["runs"]) == 6 and payload["runs_cached"] == 0
+    rows = ["zero_shot", "neuroada_k1", "neuroada_k20", "lora_r8", "full_ft", "neat_r8", "smoa_r16", "smoa_r8",
+            "neft_share0.004"]  # fmt: skip
+    assert payload["runs_executed"] == len(payload["runs"]) == len(rows) and payload["runs_cached"] == 0
     summary = payload["summary"]
-    assert list(summary) == ["zero_shot", "neuroada_k1", "neuroada_k20", "lora_r8", "full_ft", "neat_r8"]
+    assert list(summary) == rows
 
     shapes = _projection_shapes(payload["model_config"])
     expected = {
@@ -66,6 +68,8 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
         "neuroada_k20": sum(out * min(20, in_) for in_, out in shapes),
         "lora_r8": sum(8 * (in_ + out) for in_, out in shapes),
         "neat_r8": sum(2 * 8 * out for _, out in shapes),  # A [r, out] + B [out, r]
+        "smoa_r16": sum(8 * (in_ + out) for in_, out in shapes),  # 2 blocks of rank 8 cover every row and column
+        "smoa_r8": sum(4 * (in_ + out) for in_, out in shapes),
     }
     base_total = summary["zero_shot"]["total_params"]
     for name, row in summary.items():
@@ -80,18 +84,21 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
         if name == "full_ft":
             assert row["trainable_params"] == row["total_params"] == base_total
             assert row["trainable_pct"] == 100.0
+        elif name.startswith("neft"):  # whole neurons up to 0.4% of all parameters, short by less than one
+            hidden = payload["model_config"]["hidden_size"]
+            assert 0.004 * base_total - hidden < row["trainable_params"] <= 0.004 * base_total, name
         else:
             assert row["trainable_params"] == expected[name], name
             assert row["total_params"] == base_total + expected[name], name
     trained_runs = [run for run in payload["runs"] if run["method"] != "zero_shot"]
-    assert len(trained_runs) == 5 and all(
+    assert len(trained_runs) == len(rows) - 1 and all(
         run["steps_done"] == payload["settings"]["steps"] == 2 for run in trained_runs
     )
     assert payload["verdict"]["available"]
 
     # Same command again: every run comes from the JSONL cache, same numbers.
     again = _run_accuracy_quick(tmp_path)
-    assert again["runs_executed"] == 0 and again["runs_cached"] == 6
+    assert again["runs_executed"] == 0 and again["runs_cached"] == len(rows)
     assert {n: r["heldout_mean"] for n, r in again["summary"].items()} == {
         n: r["heldout_mean"] for n, r in summary.items()
     }
@@ -113,6 +120,7 @@ EFFICIENCY_CONFIGS = {
     "smoa_r8",
     "smoa_r16",
     "hira_r8",
+    "neft_share0.004",
 }
 
 
@@ -169,6 +177,11 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
         assert by_config["smoa_r8"]["trainable_params"] == 4 * in_out_sum, key
         assert by_config["smoa_r16"]["trainable_params"] == 8 * in_out_sum, key
         assert by_config["hira_r8"]["trainable_params"] == 8 * in_out_sum, key
+        # NeFT (data-free magnitude selection) fills 0.4% of all parameters with whole neurons: at most the
+        # budget, short of it by less than one neuron (a row or column of a projection, <= hidden size entries).
+        neft = by_config["neft_share0.004"]
+        total = round(neft["trainable_params"] / (neft["trainable_pct"] / 100))
+        assert 0.004 * total - spec["llama"]["hidden_size"] < neft["trainable_params"] <= 0.004 * total, key
 
     smollm2 = [t for t in payload["targets"] if t["model"] == "smollm2"]
     targets = {t["kind"]: t for t in smollm2 if t["method"] == "neuroada_k1"}

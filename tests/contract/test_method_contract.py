@@ -43,7 +43,7 @@ def test_the_contract_covers_the_builtins_and_the_toy():
 
 
 def make_config(spec: MethodSpec, **overrides):
-    return spec.config_class()(target_modules=TARGETS, **overrides)
+    return spec.data_free_config(target_modules=TARGETS, **overrides)
 
 
 def load_base(model_dir: Path, dtype: torch.dtype = torch.float32):
@@ -218,6 +218,9 @@ def test_streaming_merge_equals_in_memory_merge(spec, tiny_llama_dir, tmp_path):
         return
     merge_adapter_checkpoint(tiny_llama_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
     streamed = load_file(tmp_path / "merged" / "model.safetensors")
+    tuner_layer = spec.tuner_class().tuner_layer_cls
+    adapted_layers = {name.removeprefix("base_model.model.") for name, m in model.named_modules()
+                      if isinstance(m, tuner_layer)}  # fmt: skip
     in_memory = model.merge_and_unload().state_dict()
     assert set(streamed) <= set(in_memory)
     changed = set()
@@ -226,9 +229,10 @@ def test_streaming_merge_equals_in_memory_merge(spec, tiny_llama_dir, tmp_path):
         assert torch.equal(tensor, in_memory[name]), f"{name}: streaming and in-memory merges differ"
         if not torch.equal(tensor, base[name]):
             changed.add(name.rsplit(".", 1)[0])  # a method may patch several tensors of a module (weight, bias)
-    # Every targeted layer of both decoder layers changed, and nothing else.
-    assert changed == {f"model.layers.{i}.{kind}.{t}" for i in (0, 1) for t in TARGETS for kind in ("self_attn", "mlp")
-                       if (t == "down_proj") == (kind == "mlp")}  # fmt: skip
+    # Every layer the method adapted changed, and nothing else; a method may leave a targeted layer alone
+    # (NeFT's global budget can select no neuron of it), but here at least one of each target is adapted.
+    assert changed == adapted_layers
+    assert {name.rsplit(".", 1)[1] for name in changed} == set(TARGETS)
 
 
 # ------------------------------------------------------------------------------------------ Axolotl
