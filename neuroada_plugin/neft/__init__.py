@@ -29,6 +29,11 @@ register(
         exact_merge=True,
         supports_sharding=False,
         data_free_settings=(("selection", "magnitude"), ("neuron_share", 0.004)),
+        # neurons_per_module is filled in when the adapter is created, never set by hand: not a YAML key or flag.
+        exposed_fields=(
+            "selection", "selection_file", "num_neurons", "neuron_share", "target_modules", "column_modules",
+            "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "seed", "init_weights",
+        ),  # fmt: skip
         cli_commands=("neuroada_plugin.neft.cli:register",),
     )
 )
