@@ -44,6 +44,14 @@ of every layer; embeddings, norms and lm_head frozen except in ``full_ft``:
                          (``smoa_r8``, the authors' default, trains about half of it).
 * ``hira_r8``            PEFT's HiRA, r=8 (SMoA with one block is HiRA): ``W0 * (B A)`` as a dense
                          weight-sized tensor in every forward, the peer of SMoA.
+* ``neft_share0.004``    NeFT at 0.4% of all parameters (whole neurons of up_proj rows / down_proj
+                         columns; the data-free magnitude selection: memory and time do not depend on
+                         which neurons are chosen, only on how many).
+* ``lora_neft_count``    PEFT LoRA on the same projections as every row, its rank chosen per model so its
+                         trainable count is closest to NeFT's 0.4% (the issue's "similar count").
+* ``masked_neft``        what the official NeFT code does: up_proj and down_proj trainable in full, their
+                         gradients multiplied by a 0/1 mask of NeFT's selection (dense gradients + AdamW
+                         state for both matrices of every layer).
 
 AdamW (lr 1e-5, weight_decay 0 so that masked entries really stay put) on the trainable
 tensors only. Checkpoint weights are copied out of the safetensors mmap right after loading:
@@ -129,7 +137,9 @@ FLOOR = "frozen_backward"
 # the official NeuroAda code's dense forward. Every registered method follows with its default
 # config (VARIANTS: more rows of a method), then PEFT's PEANuT and HiRA, the peers of NEAT and SMoA.
 REFERENCES = (FLOOR, "full_ft", "masked_ft", "lora_r8", "supertuning", "shira", "dense_neuroada_k1")
-PEERS_AFTER = ("peanut_r8", "hira_r8")
+PEERS_AFTER = ("peanut_r8", "hira_r8", "lora_neft_count", "masked_neft")
+NEFT_ROW = "neft_share0.004"
+NEFT_SHARE = 0.004
 VARIANTS = {"neuroada": [{"top_k": 20}], "smoa": [{"r": 16, "alpha": 16.0}]}
 SHIRA_R = 1  # smallest SHiRA budget: r * (in + out) entries per layer
 LEARNING_RATE = 1e-5
@@ -148,6 +158,9 @@ NEAT_TIME_VS_LORA_TARGET = 1.3
 SMOA_MEMORY_VS_LORA_TARGET = 1.2
 SMOA_MEMORY_VS_HIRA_TARGET = 1.0
 SMOA_TIME_VS_LORA_TARGET = 1.5
+# NeFT at 0.4%: memory within 1.2x a LoRA of the same trainable count, and far below dense masked training.
+NEFT_MEMORY_VS_LORA_TARGET = 1.2
+NEFT_MEMORY_VS_MASKED_TARGET = 0.5
 # (method, target text, reference config, kind, limit); kinds: memory, time_best (deciding), time (shown).
 TARGET_CHECKS = (
     ("neuroada_k1", "peak over weights <= LoRA r=8", "lora_r8", "memory", MEMORY_VS_LORA_TARGET),
@@ -169,6 +182,9 @@ TARGET_CHECKS = (
     ("smoa_r16", "peak over weights <= HiRA r=8", "hira_r8", "memory", SMOA_MEMORY_VS_HIRA_TARGET),
     ("smoa_r16", "best-round step time <= 1.5 x LoRA r=8", "lora_r8", "time_best", SMOA_TIME_VS_LORA_TARGET),
     ("smoa_r16", "median step time, all rounds <= 1.5 x LoRA r=8", "lora_r8", "time", SMOA_TIME_VS_LORA_TARGET),
+    (NEFT_ROW, "peak over weights <= 1.2 x LoRA of NeFT's count", "lora_neft_count", "memory", NEFT_MEMORY_VS_LORA_TARGET),
+    (NEFT_ROW, "peak over weights <= 0.5 x masked up/down (official code)", "masked_neft", "memory",
+     NEFT_MEMORY_VS_MASKED_TARGET),
 )
 
 
@@ -333,6 +349,21 @@ def apply_config(config: str, model: nn.Module) -> tuple[nn.Module, list[nn.Para
         trainable = [p for p in model.parameters() if p.requires_grad]
         return model, trainable, unique_numel(trainable)
 
+    if config == "masked_neft":
+        updated = 0
+        for name, (axis, index) in neft_selection(model).items():
+            weight = model.get_submodule(name).weight
+            mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+            if axis == "rows":
+                mask[index] = True
+            else:
+                mask[:, index] = True
+            weight.requires_grad_(True)
+            weight.register_post_accumulate_grad_hook(_grad_mask_hook(mask))
+            updated += int(mask.sum())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return model, trainable, updated
+
     target_list = list(TARGET_MODULES)
     if config in registered_rows():
         peft_config: Any = registered_rows()[config].config(target_modules=target_list)
@@ -350,6 +381,12 @@ def apply_config(config: str, model: nn.Module) -> tuple[nn.Module, list[nn.Para
         peft_config = peft.PeanutConfig(r=8, depth=0, act_fn="relu", scaling=1.0, target_modules=target_list)
     elif config == "hira_r8":
         peft_config = peft.HiraConfig(r=8, target_modules=target_list)
+    elif config == "lora_neft_count":
+        budget = NEFT_SHARE * unique_numel(model.parameters())
+        per_rank = sum(linear.in_features + linear.out_features for _, linear in targets)
+        peft_config = peft.LoraConfig(
+            r=max(1, round(budget / per_rank)), lora_alpha=16, lora_dropout=0.0, target_modules=target_list
+        )
     else:
         raise ValueError(f"unknown configuration {config!r}; known: {configs()}")
     model = peft.get_peft_model(model, peft_config)
@@ -364,6 +401,18 @@ def apply_config(config: str, model: nn.Module) -> tuple[nn.Module, list[nn.Para
                 module.update_layer("default", config=per_layer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable, unique_numel(trainable)
+
+
+def neft_selection(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """NeFT's selection at ``NEFT_SHARE`` (the ``neft_share0.004`` row's): ``{layer: (axis, indices)}``."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from neuroada_plugin import NeftConfig
+    from neuroada_plugin.neft.model import plan_neurons
+
+    config = NeftConfig(selection="magnitude", neuron_share=NEFT_SHARE, target_modules=["up_proj", "down_proj"])
+    plan = plan_neurons(config, model, lambda name: bool(check_target_module_exists(config, name)))
+    return {name: entry for name, entry in plan.items() if entry[1].numel()}
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, input_ids: torch.Tensor) -> float:

@@ -121,6 +121,8 @@ EFFICIENCY_CONFIGS = {
     "smoa_r16",
     "hira_r8",
     "neft_share0.004",
+    "lora_neft_count",
+    "masked_neft",
 }
 
 
@@ -182,6 +184,12 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
         neft = by_config["neft_share0.004"]
         total = round(neft["trainable_params"] / (neft["trainable_pct"] / 100))
         assert 0.004 * total - spec["llama"]["hidden_size"] < neft["trainable_params"] <= 0.004 * total, key
+        # The official code's way: the same entries can change, but both MLP matrices get gradients + AdamW state.
+        up_down = sum(i * o for position, (i, o) in enumerate(dims) if position % 7 in (5, 6))  # up_proj, down_proj
+        assert by_config["masked_neft"]["trainable_params"] == neft["trainable_params"], key
+        assert by_config["masked_neft"]["optimizer_params"] == up_down, key
+        lora_rank = by_config["lora_neft_count"]["trainable_params"] / in_out_sum
+        assert lora_rank == max(1, round(0.004 * total / in_out_sum)), key
 
     smollm2 = [t for t in payload["targets"] if t["model"] == "smollm2"]
     targets = {t["kind"]: t for t in smollm2 if t["method"] == "neuroada_k1"}
@@ -195,6 +203,7 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
         ("neat_r8", "time_best"),
         *[("smoa_r16", "memory")] * 2,
         ("smoa_r16", "time_best"),
+        *[("neft_share0.004", "memory")] * 2,
     ]
     rows = {r["config"]: r for r in payload["rows"] if r["model"] == "smollm2"}
     neat_vs_peanut = next(t for t in smollm2 if t["reference"] == "peanut_r8")

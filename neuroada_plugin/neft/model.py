@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,80 @@ def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
+def candidates_of(
+    config: NeftConfig, model: nn.Module, targeted: Callable[[str], bool]
+) -> dict[str, tuple[Candidate, nn.Module]]:
+    """Every targeted layer as a selection candidate (its axis from ``column_modules``), with its base layer."""
+    columns = tuple(config.column_modules or ())
+    found = {}
+    for key, module in model.named_modules():
+        if not targeted(key):
+            continue
+        axis = "cols" if any(key == c or key.endswith(f".{c}") for c in columns) else "rows"
+        base = _base(module)
+        found[key] = (Candidate(key, axis, layer_shape(base)), base)
+    return found
+
+
+def plan_neurons(config: NeftConfig, model: nn.Module, targeted: Callable[[str], bool]) -> Plan:
+    """The neurons of every targeted layer (``targeted(name)``) under ``config``'s global selection."""
+    found = candidates_of(config, model, targeted)
+    if config.neurons_per_module is not None:  # a saved adapter: its file brings the indices
+        plan: Plan = {}
+        for key, (axis, count) in config.neurons_per_module.items():
+            if key not in found:
+                raise ValueError(
+                    f"NeFT adapter config lists layer {key}, which this model does not have (or target_modules "
+                    "excludes): the adapter was made for another model."
+                )
+            plan[key] = (axis, int(count))
+        return plan
+    candidates = [candidate for candidate, _ in found.values()]
+    if config.selection == "file":
+        return _plan_from_file(config, found)
+    if config.selection == "magnitude":
+        scores = {c.module: magnitude_scores(base.weight, c.axis) for c, base in found.values()}
+    else:
+        scores = {c.module: random_scores(c.count, config.seed, c.module) for c in candidates}
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    neurons, parameters = resolve_budget(
+        candidates, num_neurons=config.num_neurons, neuron_share=config.neuron_share, total_parameters=total
+    )
+    chosen = global_selection(candidates, scores, neurons=neurons, parameters=parameters)
+    return {c.module: (c.axis, chosen[c.module]) for c in candidates}
+
+
+def _plan_from_file(config: NeftConfig, found: dict[str, tuple[Candidate, nn.Module]]) -> Plan:
+    if not config.selection_file:
+        raise ValueError(
+            "NeftConfig(selection='file') needs selection_file: the neurons of the paper's rule come from a short "
+            "fine-tuning on your data. Make the file with `neuroada-plugin neft-select --model <model> --data "
+            "<train.jsonl> --output neurons.json` and pass NeftConfig(selection_file='neurons.json'); or use a "
+            "data-free ablation: NeftConfig(selection='magnitude', neuron_share=0.004)."
+        )
+    selection = read_selection(config.selection_file)
+    missing = sorted(set(found) - set(selection.modules))
+    extra = sorted(set(selection.modules) - set(found))
+    if missing or extra:
+        raise SelectionFileError(
+            f"NeFT selection file {selection.path} does not match the targeted layers: "
+            + (f"no entry for {missing[:3]}{' ...' if len(missing) > 3 else ''}; " if missing else "")
+            + (f"entries for untargeted {extra[:3]}{' ...' if len(extra) > 3 else ''}; " if extra else "")
+            + "set target_modules / column_modules as when the file was made, or make a new file."
+        )
+    plan: Plan = {}
+    for key, (candidate, base) in found.items():
+        entry = selection.modules[key]
+        if entry.axis != candidate.axis:
+            raise SelectionFileError(
+                f"NeFT selection file {selection.path}: layer {key} was selected by {entry.axis}, but column_modules "
+                f"makes it a {candidate.axis} layer here. Use the column_modules the file was made with."
+            )
+        selection.check_weight(key, base.weight)
+        plan[key] = (candidate.axis, entry.neurons)
+    return plan
+
+
 class NeftModel(MethodTuner):
     """PEFT tuner for NeFT. Create it through ``peft.get_peft_model(model, NeftConfig(selection_file=...))``."""
 
@@ -41,72 +116,10 @@ class NeftModel(MethodTuner):
         super()._prepare_model(peft_config, model)  # every target checked against the spec's flags first
         self._neft_plan = self._plan(peft_config, model)
 
-    def _candidates(self, config: NeftConfig, model: nn.Module) -> dict[str, tuple[Candidate, nn.Module]]:
-        columns = tuple(config.column_modules or ())
-        found = {}
-        for key, module in model.named_modules():
-            if self.prefix in key or not self._check_target_module_exists(config, key):
-                continue
-            axis = "cols" if any(key == c or key.endswith(f".{c}") for c in columns) else "rows"
-            base = _base(module)
-            found[key] = (Candidate(key, axis, layer_shape(base)), base)
-        return found
-
     def _plan(self, config: NeftConfig, model: nn.Module) -> Plan:
-        found = self._candidates(config, model)
-        if config.neurons_per_module is not None:  # a saved adapter: its file brings the indices
-            plan: Plan = {}
-            for key, (axis, count) in config.neurons_per_module.items():
-                if key not in found:
-                    raise ValueError(
-                        f"NeFT adapter config lists layer {key}, which this model does not have (or target_modules "
-                        "excludes): the adapter was made for another model."
-                    )
-                plan[key] = (axis, int(count))
-            return plan
-        candidates = [candidate for candidate, _ in found.values()]
-        if config.selection == "file":
-            return self._plan_from_file(config, found)
-        if config.selection == "magnitude":
-            scores = {c.module: magnitude_scores(base.weight, c.axis) for c, base in found.values()}
-        else:
-            scores = {c.module: random_scores(c.count, config.seed, c.module) for c in candidates}
-        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        neurons, parameters = resolve_budget(
-            candidates, num_neurons=config.num_neurons, neuron_share=config.neuron_share, total_parameters=total
+        return plan_neurons(
+            config, model, lambda key: self.prefix not in key and self._check_target_module_exists(config, key)
         )
-        chosen = global_selection(candidates, scores, neurons=neurons, parameters=parameters)
-        return {c.module: (c.axis, chosen[c.module]) for c in candidates}
-
-    def _plan_from_file(self, config: NeftConfig, found: dict[str, tuple[Candidate, nn.Module]]) -> Plan:
-        if not config.selection_file:
-            raise ValueError(
-                "NeftConfig(selection='file') needs selection_file: the neurons of the paper's rule come from a short "
-                "fine-tuning on your data. Make the file with `neuroada-plugin neft-select --model <model> --data "
-                "<train.jsonl> --output neurons.json` and pass NeftConfig(selection_file='neurons.json'); or use a "
-                "data-free ablation: NeftConfig(selection='magnitude', neuron_share=0.004)."
-            )
-        selection = read_selection(config.selection_file)
-        missing = sorted(set(found) - set(selection.modules))
-        extra = sorted(set(selection.modules) - set(found))
-        if missing or extra:
-            raise SelectionFileError(
-                f"NeFT selection file {selection.path} does not match the targeted layers: "
-                + (f"no entry for {missing[:3]}{' ...' if len(missing) > 3 else ''}; " if missing else "")
-                + (f"entries for untargeted {extra[:3]}{' ...' if len(extra) > 3 else ''}; " if extra else "")
-                + "set target_modules / column_modules as when the file was made, or make a new file."
-            )
-        plan: Plan = {}
-        for key, (candidate, base) in found.items():
-            entry = selection.modules[key]
-            if entry.axis != candidate.axis:
-                raise SelectionFileError(
-                    f"NeFT selection file {selection.path}: layer {key} was selected by {entry.axis}, but column_modules "
-                    f"makes it a {candidate.axis} layer here. Use the column_modules the file was made with."
-                )
-            selection.check_weight(key, base.weight)
-            plan[key] = (candidate.axis, entry.neurons)
-        return plan
 
     def _create_and_replace(
         self, config: NeftConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module,
