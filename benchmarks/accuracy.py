@@ -58,6 +58,7 @@ import os
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,12 +126,19 @@ TUNED: dict[str, tuple[tuple[float, ...], float]] = {  # row -> (lr grid, estima
     "full_ft": ((1e-5, 3e-5, 1e-4), 4.9),
     "neat_r8": ((2e-3, 5e-3, 1e-2), 5.0),
     "smoa_r16": ((1e-2, 3e-2, 1e-1), 7.0),
+    "neft_select": ((1e-3, 3e-3, 1e-2), 4.5),
 }
 UNTUNED = ((2e-3, 5e-3, 1e-2), 5.0)  # LoRA's grid
 # Rows beyond each registered method's default config. SMoA r=16 (2 blocks, alpha = r: scale 1 as the
 # authors' defaults) trains about LoRA r=8's parameter count.
 VARIANTS = {"neuroada": [{"top_k": 20}], "smoa": [{"r": 16, "alpha": 16.0}]}
 PEERS = {"lora_r8": "LoRA r=8", "full_ft": "full fine-tuning"}  # PEFT's LoRA (r=8, alpha 16) and every weight
+# NeFT as the paper runs it: its neurons chosen by `neuroada-plugin neft-select` on each seed's training
+# questions (a full fine-tuning of SELECTION_STEPS steps at the paper's lr), NEFT_SHARE of all parameters.
+# The registered row (``neft_share0.004``) is the data-free magnitude ablation.
+PEERS["neft_select"] = "NeFT 0.4% (neft-select)"
+NEFT_SHARE = 0.004
+SELECTION_LR = 2e-5
 
 
 def compared_methods() -> dict[str, Method]:
@@ -205,11 +213,15 @@ def run_data(
 # --------------------------------------------------------------------------------------------
 
 
-def peft_config(method: Method, model: Any) -> Any:
+def peft_config(method: Method, model: Any, selection_file: str | None = None) -> Any:
     """The row's PEFT config, every method on the same modules (the registry's default targets for the
-    model type); ``None`` for full fine-tuning."""
+    model type); ``None`` for full fine-tuning. ``selection_file``: NeFT's, from :func:`neft_selection`."""
     if method.registered is not None:
         return method.registered.config(task_type="CAUSAL_LM")
+    if method.name == "neft_select":
+        from neuroada_plugin import NeftConfig
+
+        return NeftConfig(selection_file=selection_file, task_type="CAUSAL_LM")
     if method.name == "lora_r8":
         from peft import LoraConfig
 
@@ -255,6 +267,42 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
 
 
+def neft_selection(settings: Settings, seed: int, train: list[commonsense.MCQuestion], folder: Path) -> dict[str, Any]:
+    """The seed's NeFT selection file, made once by the package's command (a separate process, so the run's
+    own peak memory is not the selection's); returns its path and the selection's cost from the file."""
+    path = folder / f"neft-{settings.fingerprint()}-seed{seed}.json"
+    made_here = not path.is_file()
+    if made_here:
+        from harness.models import smollm2_checkpoint
+
+        folder.mkdir(parents=True, exist_ok=True)
+        model = settings.model_path or str(smollm2_checkpoint())
+        with tempfile.TemporaryDirectory(prefix="neft-select-data-") as scratch:
+            data = Path(scratch) / "train.jsonl"
+            rows = commonsense.sft_rows(train, commonsense.CLOZE)
+            data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            command = [
+                sys.executable, "-m", "neuroada_plugin", "neft-select", "--model", model, "--data", str(data),
+                "--output", str(path), "--share", str(NEFT_SHARE), "--steps", str(settings.steps),
+                "--batch-size", str(settings.batch_size), "--learning-rate", str(SELECTION_LR),
+                "--max-length", str(settings.training.get("max_length", 256)), "--dtype", settings.dtype,
+                "--seed", str(seed), "--no-progress", "-q",
+            ]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+            if done.returncode != 0:
+                raise RuntimeError(f"neft-select failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    reference = json.loads(path.read_text())["reference_run"]
+    return {
+        "file": str(path),
+        "made_in_this_run": made_here,
+        "steps": reference["steps"],
+        "learning_rate": reference["learning_rate"],
+        "seconds": reference["seconds"],
+        "peak_memory_bytes": reference["peak_memory_bytes"],
+        "peak_memory_kind": reference["peak_memory_kind"],
+    }
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Load, (train,) score: one run of one method at one learning rate and seed."""
     from datasets import Dataset
@@ -282,6 +330,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     train, validation, heldout = run_data(settings, job["seed"])
     record: dict[str, Any] = {"load_s": load_s, "n_train_questions": len(train) if method.trains else 0}
 
+    selection_file = None
+    if method.name == "neft_select":
+        record["selection"] = neft_selection(settings, job["seed"], train, Path(job["selection_dir"]))
+        selection_file = record["selection"]["file"]
     if method.trains:
         with tempfile.TemporaryDirectory(prefix="accuracy-run-") as output_dir:
             config = SFTConfig(
@@ -297,7 +349,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                 args=config,
                 train_dataset=Dataset.from_list(commonsense.sft_rows(train, commonsense.CLOZE)),
                 processing_class=tokenizer,
-                peft_config=peft_config(method, model),
+                peft_config=peft_config(method, model, selection_file),
             )
             trainer.remove_callback(PrinterCallback)
             record["setup_s"] = time.perf_counter() - setup_start
@@ -419,8 +471,10 @@ class Runner:
         timeout_s: float,
         threads: int | None,
         cached_only: bool = False,
+        selection_dir: Path | None = None,
     ) -> None:
         self.settings, self.cache, self.timeout_s, self.threads = settings, cache, timeout_s, threads
+        self.selection_dir = selection_dir or Path(tempfile.gettempdir())
         self.cached_only = cached_only
         self.not_run: list[dict[str, Any]] = []  # --cached-only: planned runs with no cached result
         self.remaining_estimate_s = total_estimate_s
@@ -461,6 +515,7 @@ class Runner:
             "seed": key.seed,
             "evaluate": list(key.evaluate),
             "threads": self.threads,
+            "selection_dir": str(self.selection_dir),
         }
         estimate = estimate_s(key, self.settings)
         start = time.perf_counter()
@@ -535,6 +590,12 @@ def summarize(
         "eval_heldout_s_mean": statistics.fmean(r["evals"]["heldout"]["eval_s"] for r in seed_runs)
         if seed_runs
         else None,
+        # NeFT: the reference fine-tuning of neft-select, once per seed (the grid reuses seed 0's file)
+        "selection": [
+            {"seed": r["seed"], **{k: r["selection"][k] for k in ("steps", "seconds", "peak_memory_bytes")}}
+            for r in seed_runs
+            if "selection" in r
+        ],
     }
 
 
@@ -639,6 +700,18 @@ def markdown_report(payload: dict[str, Any]) -> list[str]:
             f"{_fmt_bytes(row['peak_train_bytes'] or row['peak_bytes'])} | {_fmt_bytes(row['memory_loaded_bytes'])} | "
             f"{_fmt(row['train_s_mean'], '.0f')} | {_fmt(row['step_s_mean'], '.2f')} |"
         )
+    for row in payload["summary"].values():
+        if row.get("selection"):
+            cost = row["selection"]
+            md += [
+                "",
+                f"{row['label']}: selection cost (`neuroada-plugin neft-select`, a full fine-tuning of {cost[0]['steps']} "
+                f"steps at lr {SELECTION_LR:g} on the seed's training questions, its own process): "
+                + "; ".join(
+                    f"seed {c['seed']} {c['seconds']:.0f} s, peak {_fmt_bytes(c['peak_memory_bytes'])}" for c in cost
+                )
+                + ".",
+            ]
     md += [
         "",
         "## Learning-rate grid (seed 0)",
@@ -867,7 +940,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"  {key.method} lr={lr} seed={key.seed} scored on {'+'.join(key.evaluate)}: {status}")
             return {"plan": [dataclasses.asdict(k) for k in plan], "estimate_s": pending_estimate}
         threads = args.threads or (1 if args.quick else None)
-        runner = Runner(settings, cache, pending_estimate, args.timeout, threads, cached_only=args.cached_only)
+        runner = Runner(
+            settings, cache, pending_estimate, args.timeout, threads, cached_only=args.cached_only,
+            selection_dir=args.output_dir / f"{stem}-neft-selections",
+        )  # fmt: skip
         loadavg_start = loadavg()
         runs_by_method: dict[str, list[dict[str, Any]]] = {}
         summaries: dict[str, dict[str, Any]] = {}

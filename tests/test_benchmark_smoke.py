@@ -55,8 +55,8 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
         assert key in payload, key
     assert payload["machine"]["torch"] and payload["git"]["commit"]
     assert not payload["failures"]
-    rows = ["zero_shot", "neuroada_k1", "neuroada_k20", "lora_r8", "full_ft", "neat_r8", "smoa_r16", "smoa_r8",
-            "neft_share0.004"]  # fmt: skip
+    rows = ["zero_shot", "neuroada_k1", "neuroada_k20", "lora_r8", "full_ft", "neat_r8", "smoa_r16", "neft_select",
+            "smoa_r8", "neft_share0.004"]  # fmt: skip
     assert payload["runs_executed"] == len(payload["runs"]) == len(rows) and payload["runs_cached"] == 0
     summary = payload["summary"]
     assert list(summary) == rows
@@ -87,6 +87,11 @@ def test_accuracy_quick_run_reports_every_method_and_resumes(tmp_path: Path) -> 
         elif name.startswith("neft"):  # whole neurons up to 0.4% of all parameters, short by less than one
             hidden = payload["model_config"]["hidden_size"]
             assert 0.004 * base_total - hidden < row["trainable_params"] <= 0.004 * base_total, name
+            assert row["total_params"] == base_total + row["trainable_params"], name
+            if name == "neft_select":  # the paper's selection, by the package's command; its cost is reported
+                (cost,) = row["selection"]
+                assert cost["steps"] == payload["settings"]["steps"] and cost["seconds"] > 0, cost
+                assert cost["peak_memory_bytes"] > 0, cost
         else:
             assert row["trainable_params"] == expected[name], name
             assert row["total_params"] == base_total + expected[name], name
