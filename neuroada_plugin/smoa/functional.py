@@ -52,7 +52,8 @@ def block_ranks(r: int, num_blocks: int, branch_ranks: list[int] | tuple[int, ..
 
 
 class Block(NamedTuple):
-    """One block with a non-zero rank: its rows and columns, its factors (views) and their flat offsets."""
+    """One block with a non-zero rank: its rows and columns, its factors (views), their flat offsets, and where
+    its rows and columns start in the orderings."""
 
     rows: torch.Tensor
     cols: torch.Tensor
@@ -60,6 +61,8 @@ class Block(NamedTuple):
     b: torch.Tensor
     a_at: int
     b_at: int
+    row_at: int
+    col_at: int
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ class BlockLayout:
             if rank > 0:
                 a = a_flat[a_at : a_at + rank * n_cols].view(rank, n_cols)
                 b = b_flat[b_at : b_at + n_rows * rank].view(n_rows, rank)
-                yield Block(rows[row_at : row_at + n_rows], cols[col_at : col_at + n_cols], a, b, a_at, b_at)
+                yield Block(
+                    rows[row_at : row_at + n_rows], cols[col_at : col_at + n_cols], a, b, a_at, b_at, row_at, col_at
+                )
             a_at, b_at = a_at + rank * n_cols, b_at + n_rows * rank
             row_at, col_at = row_at + n_rows, col_at + n_cols
 
@@ -157,11 +162,18 @@ def _block_of(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dtyp
     return weight[rows[:, None], cols[None, :]].to(dtype)
 
 
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation of ``order``."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 class BlockModulatedDelta(torch.autograd.Function):
     """``dW x`` without the scale ``s``: ``[..., in] -> [..., out]``, in ``a_flat``'s dtype.
 
     Saves ``x``, the flat factors and the orderings; the frozen weight is read through ``read_weight``
     (a context manager yielding the full ``[out, in]`` weight) in the forward and again in the backward.
+    Activations are permuted once into the blocks' order and transposed (``[features, tokens]``), so
+    every block reads and writes contiguous rows; one gather puts the result back in natural order.
     """
 
     @staticmethod
@@ -176,51 +188,50 @@ class BlockModulatedDelta(torch.autograd.Function):
         read_weight: WeightReader,
     ) -> torch.Tensor:
         dtype, out_features = a_flat.dtype, rows.shape[0]
-        flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
-        result = flat_x.new_zeros(flat_x.shape[0], out_features)
+        x_t = x.reshape(-1, x.shape[-1]).t().index_select(0, cols).to(dtype)  # [in (block order), tokens]
+        y_t = x_t.new_zeros(out_features, x_t.shape[1])  # [out (block order), tokens]
         with read_weight() as weight:
             for blk in layout.blocks(a_flat, b_flat.to(dtype), rows, cols):
                 block = (blk.b @ blk.a).mul_(_block_of(weight, blk.rows, blk.cols, dtype))  # (B_k A_k) * W0[R_k, C_k]
-                result[:, blk.rows] = flat_x[:, blk.cols] @ block.T
+                row_at, col_at = blk.row_at, blk.col_at
+                torch.mm(block, x_t[col_at : col_at + blk.cols.numel()], out=y_t[row_at : row_at + blk.rows.numel()])
                 del block
         ctx.save_for_backward(x, a_flat, b_flat, rows, cols)
         ctx.layout, ctx.read_weight = layout, read_weight
-        return result.view(*x.shape[:-1], out_features)
+        return y_t.index_select(0, _inverse(rows)).t().reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, a_flat, b_flat, rows, cols = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         dtype = a_flat.dtype
-        flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
-        flat_grad = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        x_t = x.reshape(-1, x.shape[-1]).t().index_select(0, cols).to(dtype)
+        grad_t = grad.reshape(-1, grad.shape[-1]).t().index_select(0, rows).to(dtype)  # [out (block order), tokens]
         b_compute = b_flat.to(dtype)
-        grad_x = torch.zeros_like(flat_x) if need_x else None
+        grad_x_t = torch.zeros_like(x_t) if need_x else None
         grad_a = torch.zeros_like(a_flat) if need_a else None
         grad_b = torch.zeros_like(b_compute) if need_b else None
         with ctx.read_weight() as weight:
             for blk in ctx.layout.blocks(a_flat, b_compute, rows, cols):
                 anchor = _block_of(weight, blk.rows, blk.cols, dtype)
-                grad_k = flat_grad[:, blk.rows]
+                row_at, col_at = blk.row_at, blk.col_at
+                grad_k = grad_t[row_at : row_at + blk.rows.numel()]  # [R_k, tokens]
                 if need_x:
-                    grad_x[:, blk.cols] = grad_k @ (blk.b @ blk.a).mul_(anchor)
+                    block = (blk.b @ blk.a).mul_(anchor)
+                    torch.mm(block.T, grad_k, out=grad_x_t[col_at : col_at + blk.cols.numel()])
+                    del block
                 if need_a or need_b:
-                    grad_product = (grad_k.T @ flat_x[:, blk.cols]).mul_(anchor)  # d loss / d (B_k A_k)
+                    grad_product = (grad_k @ x_t[col_at : col_at + blk.cols.numel()].T).mul_(anchor)  # d/d(B_k A_k)
                     if need_a:
                         grad_a[blk.a_at : blk.a_at + blk.a.numel()] = (blk.b.T @ grad_product).reshape(-1)
                     if need_b:
                         grad_b[blk.b_at : blk.b_at + blk.b.numel()] = (grad_product @ blk.a.T).reshape(-1)
                     del grad_product
                 del anchor
-        return (
-            None if grad_x is None else grad_x.view(x.shape).to(x.dtype),
-            grad_a,
-            None if grad_b is None else grad_b.to(b_flat.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        grad_x = None
+        if grad_x_t is not None:
+            grad_x = grad_x_t.index_select(0, _inverse(cols)).t().reshape(x.shape).to(x.dtype)
+        return grad_x, grad_a, None if grad_b is None else grad_b.to(b_flat.dtype), None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ merge
