@@ -80,7 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(less memory; a deviation from the paper).",
     )
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="Weights dtype (default float32)."
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="Compute precision of the reference run: float32 (default), or bf16/fp16 mixed precision (autocast; "
+        "the weights stay float32).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the reference run (default 0).")
     parser.add_argument("--keep-reference", metavar="DIR", help="Also save the briefly fine-tuned model (M_FT) here.")

@@ -90,7 +90,9 @@ def _plan_from_file(config: NeftConfig, found: dict[str, tuple[Candidate, nn.Mod
             f"NeFT selection file {selection.path} does not match the targeted layers: "
             + (f"no entry for {missing[:3]}{' ...' if len(missing) > 3 else ''}; " if missing else "")
             + (f"entries for untargeted {extra[:3]}{' ...' if len(extra) > 3 else ''}; " if extra else "")
-            + "set target_modules / column_modules as when the file was made, or make a new file."
+            + "a selection file covers exactly the candidate layers it was made for (one global budget), so set "
+            "target_modules / column_modules as neft-select had them and leave layers_to_transform / "
+            "exclude_modules unset, or make a new file with neft-select --target-modules."
         )
     plan: Plan = {}
     for key, (candidate, base) in found.items():

@@ -23,8 +23,6 @@ from .selection_file import write_selection
 
 __all__ = ["SelectionRun", "candidate_layers", "select_neurons"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class SelectionRun:
@@ -82,7 +80,9 @@ def select_neurons(run: SelectionRun, log: Callable[[str], None] = print) -> str
         raise ValueError(f"--data {run.data}: no such file (a JSON/JSONL file of training rows is expected).")
 
     tokenizer = AutoTokenizer.from_pretrained(run.model)
-    model = AutoModelForCausalLM.from_pretrained(run.model, dtype=_DTYPES[run.dtype])
+    # float32 master weights: at the paper's lr most AdamW steps are below bf16 resolution, so bf16/fp16 run
+    # as mixed precision (autocast), as the paper's bf16 training did, never as low-precision weights.
+    model = AutoModelForCausalLM.from_pretrained(run.model, dtype=torch.float32)
     candidates = candidate_layers(model, run.target_modules, run.column_modules)
     if not candidates:
         raise ValueError(

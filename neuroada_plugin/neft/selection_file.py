@@ -3,7 +3,8 @@
 Written by ``neuroada-plugin neft-select`` (atomically), read by ``NeftConfig(selection_file=...)``. JSON::
 
     {"format": "neuroada-plugin/neft-selection", "version": 1,
-     "model": "<what --model named>", "criterion": "cosine", "budget": {...}, "reference_run": {...},
+     "model": "<what --model named>", "criterion": "<the scoring rule, in words>", "budget": {...},
+     "reference_run": {...}, "command": "...",
      "modules": {"model.layers.0.mlp.up_proj": {"axis": "rows", "shape": [out, in],
                                                "fingerprint": [16 floats], "neurons": [3, 17, ...]}, ...}}
 
@@ -13,6 +14,7 @@ the file to another model fails naming the layer. Torch only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -79,8 +81,12 @@ def write_selection(path: str | Path, modules: dict[str, dict[str, Any]], meta: 
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            from ..merge.errors import InsufficientSpaceError
+
+            raise InsufficientSpaceError(f"No space left to write {path}; nothing was written.") from error
         raise
     return path
 
