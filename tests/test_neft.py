@@ -190,8 +190,8 @@ def test_a_selection_file_of_another_model_is_refused_naming_the_layer(selection
     other = tiny_llama(seed=5)
     with pytest.raises(SelectionFileError, match=r"layer model\.layers\.0\.mlp\.up_proj's weight differs"):
         get_peft_model(other, NeftConfig(selection_file=str(selection["file"])))
-    with pytest.raises(SelectionFileError, match=r"does not exist\. Make one with `neuroada-plugin neft-select"):
-        get_peft_model(tiny_llama(seed=0), NeftConfig(selection_file="/no/such/neurons.json"))
+    with pytest.raises(ValueError, match=r"neurons\.json does not exist\. Make it with `neuroada-plugin neft-select"):
+        NeftConfig(selection_file="/no/such/neurons.json")  # refused when the config is made, before any model
     with pytest.raises(SelectionFileError, match=r"no entry for \['model\.layers\.0\.self_attn\.q_proj'"):
         get_peft_model(tiny_llama(seed=0), NeftConfig(selection_file=str(selection["file"]),
                                                       target_modules=["q_proj", "up_proj", "down_proj"]))  # fmt: skip
@@ -218,7 +218,8 @@ def test_the_command_refuses_bad_budgets_and_keeps_an_existing_output(selection,
         (dict(selection="random", num_neurons=3, neuron_share=0.1), r"exactly one of"),
         (dict(selection="random", num_neurons=0), r"num_neurons must be >= 1"),
         (dict(selection="magnitude", neuron_share=1.5), r"neuron_share must be a number in \(0, 1\)"),
-        (dict(selection_file="x.json", num_neurons=5), r"budget of a file selection is chosen by neft-select"),
+        (dict(num_neurons=5), r"budget of a file selection is chosen by neft-select"),
+        (dict(selection="magnitude", num_neurons=5, selection_file="x.json"), r"selection='magnitude', which does not"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, message):
@@ -240,6 +241,24 @@ def test_a_config_with_saved_shapes_but_no_loaded_neurons_refuses_to_run(tmp_pat
     again = get_peft_model(tiny_llama(seed=0), NeftConfig(**{**config.to_dict(), "peft_type": None, "task_type": None}))
     with pytest.raises(AdapterCheckpointError, match=r"created from a saved config .* no neuron indices were loaded"):
         again(TOKENS)
+
+
+def test_a_float64_merge_is_exact():
+    model = get_peft_model(
+        tiny_llama(seed=0).to(F64), NeftConfig(selection="random", num_neurons=50, init_weights=False)
+    )
+    expected = {}
+    for name, layer in neft_layers(model).items():
+        index, axis = selected(layer)
+        weight = layer.get_base_layer().weight.detach().clone()
+        if axis == "rows":
+            weight[index] += layer.neft_delta["default"].detach()
+        else:
+            weight[:, index] += layer.neft_delta["default"].detach()
+        expected[name] = weight
+    model.merge_adapter()
+    for name, layer in neft_layers(model).items():
+        assert torch.equal(layer.get_base_layer().weight, expected[name]), name
 
 
 def test_a_damaged_adapter_file_is_refused_naming_the_layer(tmp_path):

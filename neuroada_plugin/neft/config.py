@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config_base import MethodConfig
 
@@ -75,6 +76,16 @@ class NeftConfig(MethodConfig):
             raise ValueError(f"NeftConfig.neuron_share must be a number in (0, 1) (0.004 = 0.4%), got {share!r}.")
         if self.neurons_per_module is not None:
             return  # a saved adapter being loaded: its file brings the neurons
+        if self.selection != "file" and self.selection_file:
+            raise ValueError(
+                f"NeftConfig: selection_file is set but selection={self.selection!r}, which does not read it. Use "
+                "selection='file' (the default) or drop selection_file."
+            )
+        if self.selection == "file" and self.selection_file and not Path(self.selection_file).is_file():
+            raise ValueError(
+                f"NeftConfig.selection_file {self.selection_file} does not exist. Make it with `neuroada-plugin "
+                f"neft-select --model <model> --data <train.jsonl> --output {self.selection_file}`."
+            )
         if self.selection == "file":
             if self.num_neurons is not None or self.neuron_share is not None:
                 raise ValueError(

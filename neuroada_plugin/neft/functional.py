@@ -62,12 +62,13 @@ def add_neurons(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(new values, old values)`` of the selected rows/columns of ``weight`` after adding ``delta``; writes nothing.
 
-    New values are ``old + delta`` in float32, cast to ``weight``'s dtype; :class:`MergeError` names ``what``
+    New values are ``old + delta`` in float32 (float64 for a float64 weight), cast to ``weight``'s dtype; :class:`MergeError` names ``what``
     if any is NaN/inf. The in-memory merge and the streaming rule both write these values.
     """
     index = index.to(weight.device)
     old = weight[index] if axis == "rows" else weight[:, index]
-    new = (old.to(torch.float32) + delta.detach().to(weight.device, torch.float32)).to(weight.dtype)
+    compute = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for a float64 weight
+    new = (old.to(compute) + delta.detach().to(weight.device, compute)).to(weight.dtype)
     return checked_finite(new, what=what), old
 
 

@@ -198,7 +198,7 @@ class BlockModulatedDelta(torch.autograd.Function):
                 del block
         ctx.save_for_backward(x, a_flat, b_flat, rows, cols)
         ctx.layout, ctx.read_weight = layout, read_weight
-        return y_t.index_select(0, _inverse(rows)).t().reshape(*x.shape[:-1], out_features)
+        return y_t.index_select(0, _inverse(rows)).t().contiguous().view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -230,7 +230,7 @@ class BlockModulatedDelta(torch.autograd.Function):
                 del anchor
         grad_x = None
         if grad_x_t is not None:
-            grad_x = grad_x_t.index_select(0, _inverse(cols)).t().reshape(x.shape).to(x.dtype)
+            grad_x = grad_x_t.index_select(0, _inverse(cols)).t().contiguous().view(x.shape).to(x.dtype)
         return grad_x, grad_a, None if grad_b is None else grad_b.to(b_flat.dtype), None, None, None, None
 
 
@@ -246,13 +246,14 @@ def delta_weight(
     layout: BlockLayout,
     scaling: float,
 ) -> torch.Tensor:
-    """The dense ``dW`` (``[out, in]``, float32) of the original weight ``weight``; for merging only."""
-    f32 = torch.float32
-    delta = torch.zeros(weight.shape, dtype=f32, device=weight.device)
-    a_flat, b_flat = a_flat.detach().to(weight.device, f32), b_flat.detach().to(weight.device, f32)
+    """The dense ``dW`` (``[out, in]``; float32, float64 for a float64 weight) of the original weight ``weight``;
+    for merging only."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    delta = torch.zeros(weight.shape, dtype=compute, device=weight.device)
+    a_flat, b_flat = a_flat.detach().to(weight.device, compute), b_flat.detach().to(weight.device, compute)
     rows, cols = rows.to(weight.device), cols.to(weight.device)
     for blk in layout.blocks(a_flat, b_flat, rows, cols):
-        block = (blk.b @ blk.a).mul_(_block_of(weight, blk.rows, blk.cols, f32)).mul_(scaling)
+        block = (blk.b @ blk.a).mul_(_block_of(weight, blk.rows, blk.cols, compute)).mul_(scaling)
         delta[blk.rows[:, None], blk.cols[None, :]] = block
     return delta
 
@@ -268,11 +269,11 @@ def merged_weight(
     scaling: float,
     what: str = "an SMoA adapter",
 ) -> torch.Tensor:
-    """``current + dW(original)`` computed in float32, returned in ``current``'s dtype (:class:`MergeError` for NaN/inf).
+    """``current + dW(original)`` computed in float32 (float64 for float64 weights), returned in ``current``'s dtype (:class:`MergeError` for NaN/inf).
 
     ``original`` is the weight before any adapter was merged: SMoA's update modulates it, so a second
     adapter merged on top still reads the pre-merge weight.
     """
     delta = delta_weight(original, a_flat, b_flat, rows, cols, layout, scaling)
-    merged = (current.to(torch.float32) + delta).to(current.dtype)
+    merged = (current.to(delta.dtype) + delta).to(current.dtype)
     return checked_finite(merged, what=what)

@@ -119,7 +119,7 @@ class SmoaLayer(MethodLayer):
     # ---------------------------------------------------------------------------- merge
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense update of ``adapter_name`` from the pre-merge weight (float32; for inspection and merging)."""
+        """The dense update of ``adapter_name`` from the pre-merge weight (float32, float64 for a float64 weight)."""
         rows, cols = self._orders(adapter_name)
         original = self._original_weight if self._original_weight is not None else self.get_base_layer().weight
         a, b = self.smoa_A[adapter_name], self.smoa_B[adapter_name]
