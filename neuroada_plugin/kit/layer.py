@@ -31,7 +31,7 @@ from .fingerprint import check_loaded_fingerprints, not_recorded, readable_here,
 from .quantized import bnb_layer_kind, dequantize_weight
 from .sharded import full_shape, gathered
 
-__all__ = ["MethodLayer", "layer_shape"]
+__all__ = ["MethodLayer", "WeightFunctionLayer", "layer_shape"]
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -202,3 +202,48 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)  # PEFT removes it from every container in other_param_names
         if adapter_name in self.fingerprints:
             del self.fingerprints[adapter_name]
+
+
+class WeightFunctionLayer(MethodLayer):
+    """Base of a method whose update is a function of the frozen weight itself (NEAT, SMoA).
+
+    Every merge reads the weight as it was before the first merge, kept from the first merge until
+    :meth:`unmerge_from_weight` restores it bit for bit; so a second adapter merged on top still sees
+    the original weight. A method writes :meth:`merged_weight`; the merge bookkeeping is here.
+    """
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self._original_weight: torch.Tensor | None = None
+
+    def merged_weight(self, current: torch.Tensor, original: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``current`` plus ``adapter_name``'s update computed from ``original``; raises :class:`MergeError` on
+        NaN/inf (writes nothing)."""
+        raise NotImplementedError
+
+    def pre_merge_weight(self) -> torch.Tensor:
+        """The weight before any merge (the base weight itself when nothing is merged)."""
+        return self._original_weight if self._original_weight is not None else self.get_base_layer().weight
+
+    def check_merge_values(self, adapter_names: list[str]) -> None:
+        current = self.get_base_layer().weight.data
+        original = self.pre_merge_weight().detach()
+        for name in adapter_names:
+            with torch.no_grad():
+                current = self.merged_weight(current, original, name)
+
+    def merge_into_weight(self, adapter_names: list[str]) -> None:
+        weight = self.get_base_layer().weight
+        original = self._original_weight if self._original_weight is not None else weight.data.clone()
+        merged = weight.data
+        for name in adapter_names:  # every update is computed (and checked) before the weight changes
+            with torch.no_grad():
+                merged = self.merged_weight(merged, original, name)
+        self._original_weight = original
+        weight.data = merged
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge_from_weight(self) -> None:
+        self.get_base_layer().weight.data = self._original_weight
+        self._original_weight = None
+        self.merged_adapters.clear()

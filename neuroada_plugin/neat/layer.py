@@ -7,12 +7,12 @@ import math
 import torch
 from torch import nn
 
-from ..kit.layer import MethodLayer
+from ..kit.layer import WeightFunctionLayer
 from .config import NeatConfig
 from .functional import delta_weight, merged_weight, neat_delta, weight_features
 
 
-class NeatLayer(MethodLayer):
+class NeatLayer(WeightFunctionLayer):
     """Wraps one ``nn.Linear``; adapter tensors per adapter name: ``neat_A [r, out]``, ``neat_B [out, r]`` and,
     when ``depth > 0``, ``neat_E`` / ``neat_D [depth, r, r]`` (encoder and decoder matrices, stacked)."""
 
@@ -30,9 +30,6 @@ class NeatLayer(MethodLayer):
         self.neat_depth: dict[str, int] = {}
         self.neat_act_fn: dict[str, str] = {}
         self.neat_scaling: dict[str, float] = {}
-        # The weight before the first merge: every merged adapter's update is a function of it,
-        # and unmerge restores it bit for bit.
-        self._original_weight: torch.Tensor | None = None
         self._module_name = module_name
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name=module_name)
@@ -70,39 +67,14 @@ class NeatLayer(MethodLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense update of ``adapter_name`` from the pre-merge weight (float32; for inspection and merging)."""
-        original = self._original_weight if self._original_weight is not None else self.get_base_layer().weight
         a, b, enc, dec = self._tensors(adapter_name)
-        return delta_weight(original, a, b, enc, dec, self.neat_act_fn[adapter_name], self.neat_scaling[adapter_name])
+        return delta_weight(self.pre_merge_weight(), a, b, enc, dec, self.neat_act_fn[adapter_name], self.neat_scaling[adapter_name])
 
-    def _merged(self, current: torch.Tensor, original: torch.Tensor, name: str) -> torch.Tensor:
-        a, b, enc, dec = self._tensors(name)
-        what = f"NEAT adapter {name!r} into layer {self.layer_name()}"
-        with torch.no_grad():
-            return merged_weight(
-                current, original, a, b, enc, dec, self.neat_act_fn[name], self.neat_scaling[name], what=what
-            )
-
-    def check_merge_values(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight.data
-        original = self._original_weight if self._original_weight is not None else weight
-        current = weight
-        for name in adapter_names:
-            current = self._merged(current, original, name)
-
-    def merge_into_weight(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight
-        original = self._original_weight if self._original_weight is not None else weight.data.clone()
-        merged = weight.data
-        for name in adapter_names:  # every update is computed (and checked) before the weight changes
-            merged = self._merged(merged, original, name)
-        self._original_weight = original
-        weight.data = merged
-        self.merged_adapters.extend(adapter_names)
-
-    def unmerge_from_weight(self) -> None:
-        self.get_base_layer().weight.data = self._original_weight
-        self._original_weight = None
-        self.merged_adapters.clear()
+    def merged_weight(self, current: torch.Tensor, original: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        a, b, enc, dec = self._tensors(adapter_name)
+        what = f"NEAT adapter {adapter_name!r} into layer {self.layer_name()}"
+        act, scaling = self.neat_act_fn[adapter_name], self.neat_scaling[adapter_name]
+        return merged_weight(current, original, a, b, enc, dec, act, scaling, what=what)
 
     def check_weight_for_forward(self) -> None:
         weight = self.get_base_layer().weight

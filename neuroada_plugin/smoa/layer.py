@@ -11,13 +11,13 @@ from torch import nn
 
 from ..errors import AdapterCheckpointError
 from ..kit.fingerprint import not_recorded, weight_fingerprint
-from ..kit.layer import MethodLayer
+from ..kit.layer import WeightFunctionLayer
 from .config import SmoaConfig
 from .functional import BlockLayout, BlockModulatedDelta, check_order, merged_weight, spectral_orders
 from .functional import delta_weight as dense_delta
 
 
-class SmoaLayer(MethodLayer):
+class SmoaLayer(WeightFunctionLayer):
     """Wraps one ``nn.Linear``. Per adapter name: trainable ``smoa_A`` / ``smoa_B`` (every block's ``A_k`` /
     ``B_k``, flattened and concatenated; see :class:`~.functional.BlockLayout`) and the saved orderings
     ``smoa_rows`` (``[out]``) and ``smoa_cols`` (``[in]``), int64 permutations."""
@@ -38,8 +38,6 @@ class SmoaLayer(MethodLayer):
         # Adapters whose orderings a file being loaded will bring (PEFT inference loading); computed
         # from the weight on first use only if it did not.
         self._pending_orders: set[str] = set()
-        # The weight before the first merge: every merged adapter modulates it, and unmerge restores it.
-        self._original_weight: torch.Tensor | None = None
         self._module_name = module_name
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name=module_name)
@@ -121,40 +119,15 @@ class SmoaLayer(MethodLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense update of ``adapter_name`` from the pre-merge weight (float32, float64 for a float64 weight)."""
         rows, cols = self._orders(adapter_name)
-        original = self._original_weight if self._original_weight is not None else self.get_base_layer().weight
         a, b = self.smoa_A[adapter_name], self.smoa_B[adapter_name]
-        return dense_delta(original, a, b, rows, cols, self.smoa_layout[adapter_name], self.smoa_scaling[adapter_name])
+        return dense_delta(self.pre_merge_weight(), a, b, rows, cols, self.smoa_layout[adapter_name], self.smoa_scaling[adapter_name])
 
-    def _merged(self, current: torch.Tensor, original: torch.Tensor, name: str) -> torch.Tensor:
-        rows, cols = self._orders(name)
-        a, b = self.smoa_A[name], self.smoa_B[name]
-        what = f"SMoA adapter {name!r} into layer {self.layer_name()}"
-        with torch.no_grad():
-            return merged_weight(
-                current, original, a, b, rows, cols, self.smoa_layout[name], self.smoa_scaling[name], what=what
-            )
-
-    def check_merge_values(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight.data
-        original = self._original_weight if self._original_weight is not None else weight
-        current = weight
-        for name in adapter_names:
-            current = self._merged(current, original, name)
-
-    def merge_into_weight(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight
-        original = self._original_weight if self._original_weight is not None else weight.data.clone()
-        merged = weight.data
-        for name in adapter_names:  # every update is computed (and checked) before the weight changes
-            merged = self._merged(merged, original, name)
-        self._original_weight = original
-        weight.data = merged
-        self.merged_adapters.extend(adapter_names)
-
-    def unmerge_from_weight(self) -> None:
-        self.get_base_layer().weight.data = self._original_weight
-        self._original_weight = None
-        self.merged_adapters.clear()
+    def merged_weight(self, current: torch.Tensor, original: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        rows, cols = self._orders(adapter_name)
+        a, b = self.smoa_A[adapter_name], self.smoa_B[adapter_name]
+        what = f"SMoA adapter {adapter_name!r} into layer {self.layer_name()}"
+        layout, scaling = self.smoa_layout[adapter_name], self.smoa_scaling[adapter_name]
+        return merged_weight(current, original, a, b, rows, cols, layout, scaling, what=what)
 
     # ---------------------------------------------------------------------------- loading
 
