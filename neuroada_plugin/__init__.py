@@ -21,7 +21,10 @@ from .errors import AdapterCheckpointError, MergeError, UnsupportedTargetError
 
 __version__ = "0.1.0"
 
-_LAZY = {name: "neuroada" for name in ("NeuroAdaLayer", "select_connections")}
+_LAZY = {
+    **{name: "neuroada" for name in ("NeuroAdaLayer", "select_connections")},
+    **{name: "safe" for name in ("SAFECallback", "SAFEConfig")},  # a training callback, not a method
+}
 
 
 def _method_classes() -> dict[str, str]:
