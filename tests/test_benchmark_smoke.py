@@ -234,3 +234,16 @@ def test_efficiency_quick_run_writes_complete_results(tmp_path: Path) -> None:
     rebuilt = json.loads((tmp_path / "efficiency-cpu-float32-quick.json").read_text())
     assert rebuilt["targets"] == payload["targets"] and rebuilt["rows"] == payload["rows"]
     assert rebuilt["report_rebuilt"]["git"] and md_path.is_file()
+
+
+def test_safe_quick_run_reports_each_variant_with_measurements(tmp_path: Path) -> None:
+    _run_quick(REPO_ROOT / "benchmarks" / "safe.py", tmp_path, "--methods", "lora_r8", "--variants", "none", "safe")
+    payload = json.loads((tmp_path / "safe-quick.json").read_text())
+    assert (tmp_path / "safe-quick.md").is_file() and payload["machine"]["torch"]
+    runs = {row["variant"]: row for row in payload["runs"]}
+    assert set(runs) == {"none", "safe"} and not any("error" in row for row in runs.values())
+    for row in runs.values():
+        assert row["post_freeze_peak_bytes"] > 0 and row["post_freeze_step_s"] > 0 and row["heldout_n"] == 8
+        assert row["post_freeze_from_step"] == 4  # 6 steps: SAFE's default schedule ends at step 3
+    assert runs["safe"]["units"] == 2  # the tiny model's two blocks
+    assert runs["safe"]["trainable_after"] <= runs["none"]["trainable_after"]
