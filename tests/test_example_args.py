@@ -115,3 +115,24 @@ def test_selected_method(toy, tmp_path):
     assert selected_method(["--config", str(config)]) == "toy_exposed"
     with pytest.raises(SystemExit):
         selected_method(["--method", "nonesuch"])
+
+
+def test_safe_flags_parse_into_the_callback_and_are_checked():
+    from harness.safe_args import safe_arguments, safe_callbacks
+    from neuroada_plugin import SAFECallback, SAFEConfig
+
+    parser = HfArgumentParser(safe_arguments())
+    flags = {f.name: f for f in dataclasses.fields(safe_arguments())}
+    assert set(flags) == {"safe"} | {f"safe_{f.name}" for f in dataclasses.fields(SAFEConfig)}
+    (off,) = parser.parse_args_into_dataclasses([])
+    assert safe_callbacks(off) == []
+    (on,) = parser.parse_args_into_dataclasses(
+        ["--safe", "--safe_max_threshold", "0.6", "--safe_warmup_steps", "5", "--safe_granularity", "module"]
+    )
+    [callback] = safe_callbacks(on)
+    assert isinstance(callback, SAFECallback)
+    assert callback.config == SAFEConfig(max_threshold=0.6, warmup_steps=5, granularity="module")
+    with pytest.raises(ValueError, match="max_threshold=2.0 must be between 0.0 and 1.0"):
+        parser.parse_args_into_dataclasses(["--safe", "--safe_max_threshold", "2"])
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--safe_importance", "cosine"])  # Literal -> choices

@@ -164,6 +164,7 @@ def test_sft_example_script_with_load_in_4bit_end_to_end(tiny_llama_dir, tmp_pat
     import sft  # noqa: PLC0415
 
     from harness.method_args import method_arguments
+    from harness.safe_args import safe_arguments
     from harness.training import CommonsenseArguments, load_model_and_tokenizer
 
     data = CommonsenseArguments(
@@ -178,7 +179,7 @@ def test_sft_example_script_with_load_in_4bit_end_to_end(tiny_llama_dir, tmp_pat
     settings["disable_tqdm"] = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sft.main(data, method_arguments("neuroada")(), SFTConfig(**settings))
+        sft.main(data, method_arguments("neuroada")(), safe_arguments()(), SFTConfig(**settings))
     # The evaluation never merges into the 4-bit model (that would re-quantize and round).
     assert not [w for w in caught if "re-quantized" in str(w.message)]
     printed = capsys.readouterr().out

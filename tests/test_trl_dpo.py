@@ -75,6 +75,7 @@ def test_dpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     import dpo  # noqa: PLC0415
 
     from harness.method_args import method_arguments
+    from harness.safe_args import safe_arguments
     from harness.training import CommonsenseArguments
 
     data = CommonsenseArguments(
@@ -82,7 +83,7 @@ def test_dpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     )
     settings = dict(dpo.DEFAULTS, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2)
     settings["disable_tqdm"] = True
-    dpo.main(data, method_arguments("neuroada")(), DPOConfig(**settings))
+    dpo.main(data, method_arguments("neuroada")(), safe_arguments()(), DPOConfig(**settings))
     printed = capsys.readouterr().out
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -85,6 +85,7 @@ def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkey
     import grpo  # noqa: PLC0415
 
     from harness.method_args import method_arguments
+    from harness.safe_args import safe_arguments
     from harness.training import CommonsenseArguments
 
     data = CommonsenseArguments(
@@ -99,7 +100,7 @@ def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkey
     settings = {k: v for k, v in grpo.DEFAULTS.items() if k != "show_options"}
     settings.update(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8)
     settings.update(disable_tqdm=True, max_completion_length=4)
-    grpo.main(data, method_arguments("neuroada")(), GRPOConfig(**settings))
+    grpo.main(data, method_arguments("neuroada")(), safe_arguments()(), GRPOConfig(**settings))
     printed = capsys.readouterr().out
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -240,6 +240,7 @@ def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     import sft  # noqa: PLC0415
 
     from harness.method_args import method_arguments
+    from harness.safe_args import safe_arguments
     from harness.training import CommonsenseArguments
 
     data = CommonsenseArguments(
@@ -247,8 +248,11 @@ def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     )
     settings = dict(sft.DEFAULTS, output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4)
     settings["disable_tqdm"] = True
-    sft.main(data, method_arguments("neuroada")(), SFTConfig(**settings))
+    # --safe --safe_freeze_end_steps 1 --safe_max_threshold 1: SAFE checks after step 1 and freezes one of 2 blocks
+    safe = safe_arguments()(safe=True, safe_warmup_steps=0, safe_freeze_end_steps=1, safe_max_threshold=1.0)
+    sft.main(data, method_arguments("neuroada")(), safe, SFTConfig(**settings))
     printed = capsys.readouterr().out
+    assert "[SAFE] step 1: froze base_model.model.model.layers." in printed
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     heldout = cs.make_splits(cs.load_questions("csqa,piqa")).heldout[:6]
@@ -260,7 +264,8 @@ def test_sft_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeyp
     assert f"[before] held-out {before.summary()}" in printed
     assert f"[after] held-out {after.summary()}" in printed
     assert cs.paired_change(before, after).summary() in printed
-    assert f"trainable parameters: {expected_trainable:,} of" in printed
+    assert f"trainable params: {expected_trainable:,}" in printed  # PEFT's count when the trainer starts
+    assert f"trainable parameters: {expected_trainable // 2:,} of" in printed  # at the end: one block frozen
     assert f"adapter saved to: {(tmp_path / 'out').resolve()}" in printed
 
 

