@@ -18,15 +18,22 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from ...registry import MethodSpec
 from .args import build_args_model, exposed_fields, registered_specs, yaml_key
 from .quantized import install_quantized_loading, prepare_quantized_model
+from .safe_args import SafeArgs, safe_callbacks
 from .validation import ValidatedMethodArgs, cfg_get, peft_config_from_cfg
 
 __all__ = ["MethodArgs", "MethodsPlugin"]
 
 LOG = get_logger(__name__)
 
+
+class _PluginArgsBase(ValidatedMethodArgs, SafeArgs):
+    """The methods' validators and SAFE's keys (``safe``, ``safe_<field>``) with theirs."""
+
+
 # Every registered method's YAML keys, generated from the config dataclasses when Axolotl
-# imports this module (methods registered through the registry's extension points included).
-MethodArgs = build_args_model(registered_specs(), base=ValidatedMethodArgs, module=__name__)
+# imports this module (methods registered through the registry's extension points included),
+# plus SAFE's keys, which apply to any adapter (``adapter: lora`` too).
+MethodArgs = build_args_model(registered_specs(), base=_PluginArgsBase, module=__name__)
 
 
 def _normalised(value: Any) -> Any:
@@ -40,7 +47,8 @@ class MethodsPlugin(BasePlugin):
     """Axolotl plugin offering ``adapter: <name>`` for each method in the registry.
 
     Only the hooks an adapter needs are implemented: the args model, the adapter
-    capabilities and the loader. Everything else (training, saving, merge-lora's legacy path)
+    capabilities and the loader, plus SAFE's callback (``safe: true``, any adapter, LoRA
+    included). Everything else (training, saving, merge-lora's legacy path)
     is Axolotl's own code acting on the returned ``PeftModel``.
     """
 
@@ -164,3 +172,15 @@ class MethodsPlugin(BasePlugin):
             peft_model.save_pretrained(save_directory, safe_serialization=kwargs.get("safe_serialization", True))
 
         base_model.save_pretrained = save_adapter_only
+
+    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:
+        """``safe: true``: ``SAFECallback`` with the ``safe_*`` settings, for whichever adapter trains (LoRA too).
+
+        Axolotl calls this for every plugin listed under ``plugins:`` and adds the returned callbacks
+        to the trainer (``trainer.add_callback``), so the callback sees ``on_train_begin`` with the
+        trainer's (PEFT) model.
+        """
+        callbacks = safe_callbacks(cfg)
+        if callbacks and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"[SAFE] callback added for `adapter: {cfg_get(cfg, 'adapter')}`: {callbacks[0].config}")
+        return callbacks

@@ -46,6 +46,7 @@ __all__ = [
     "lora_equivalent",
     "model_keys",
     "peft_config_from_cfg",
+    "prefixed_misspelling_distance",
     "suggest_method_key",
 ]
 
@@ -163,7 +164,12 @@ def _misspelling_distance(key: str, spec: MethodSpec, field_name: str) -> int | 
     it is the field spelt right after a prefix within one edit per three characters of the method's
     prefix (``neuro_top_k``, ``nat_r``). Far-off keys return ``None``: they may be another tool's.
     """
-    folded, target, prefix = _folded(key), yaml_key(spec, field_name), spec.yaml_prefix
+    return prefixed_misspelling_distance(key, spec.yaml_prefix, field_name)
+
+
+def prefixed_misspelling_distance(key: str, prefix: str, field_name: str) -> int | None:
+    """:func:`_misspelling_distance` for any ``<prefix><field>`` key (method keys, SAFE's ``safe_*`` keys)."""
+    folded, target = _folded(key), f"{prefix}{field_name}"
     distance = edit_distance(folded, target)
     if distance <= max(1, len(target) // 6):
         return distance
