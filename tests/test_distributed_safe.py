@@ -1,10 +1,12 @@
 """SAFE with the plain Transformers ``Trainer`` under DDP (2 CPU processes, gloo), against one process.
 
-The worker (tests/distributed/safe_worker.py) trains 12 AdamW steps per method (NeuroAda top-2, PEFT LoRA)
-with ``SAFECallback`` on settings that freeze blocks from step 3. Both ranks must decide alike (the scores
-are averaged over the ranks, each probing its own rows) and freeze without DDP touching the frozen
-parameters. The reference is one process on the same global batch (the dataset is one global batch)
-without SAFE, freezing the same parameters by hand at the same steps: the 2-rank run must end equal to it.
+The worker (tests/distributed/safe_worker.py) trains 12 AdamW steps per method (NeuroAda top-2, PEFT LoRA,
+and NeuroAda freezing from the input side with non-reentrant gradient checkpointing, where SAFE also cuts
+the graph at the embedding output) with ``SAFECallback`` on settings that freeze blocks from step 3. Both
+ranks must decide alike (the scores are averaged over the ranks, each probing its own rows) and freeze
+without DDP touching the frozen parameters. The reference is one process on the same global batch (the
+dataset is one global batch) without SAFE, freezing the same parameters by hand at the same steps: the
+2-rank run must end equal to it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from tests.distributed.common import WORLD, assert_theta_close, launch
-from tests.distributed.safe_worker import METHODS, ReplayFreezes, losses, train
+from tests.distributed.safe_worker import METHODS, STEPS, ReplayFreezes, losses, train
 
 REFUSAL = "SAFECallback under DDP needs ddp_find_unused_parameters=True (or unset)"
 
@@ -50,6 +52,15 @@ def test_ranks_score_and_freeze_alike(runs, method):
     assert 1 <= len(rank0["freeze_steps"]) <= 2  # max_frozen_fraction=0.5 of 4 blocks
     assert all(step > 2 for step in rank0["freeze_steps"].values())  # after the 2-step warm-up
     assert [check["step"] for check in rank0["history"]] == list(range(1, 7))  # check_every=1 until step 6
+
+
+def test_freezing_the_lowest_block_cuts_the_graph_below_it_on_both_ranks(runs):
+    """With checkpointing the embedding output requires grad; once block 0 is frozen, block 0's input no longer does."""
+    for info in _ranks(runs, "neuroada_input"):
+        lowest = info["freeze_steps"].get("base_model.model.model.layers.0")
+        assert lowest is not None and list(info["freeze_steps"]) == ["base_model.model.model.layers.0"]
+        recorded = {int(step): flag for step, flag in info["block0_input_requires_grad"].items()}
+        assert recorded == {step: step <= lowest for step in range(1, STEPS + 1)}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,7 +1,7 @@
 """SAFE (selective adapter freezing) with the plain Transformers ``Trainer`` under DDP on 2 CPU processes (gloo).
 
 Launched by tests/test_distributed_safe.py with ``torch.distributed.run``. Per method (NeuroAda top-2, PEFT
-LoRA) each rank trains STEPS AdamW steps with ``SAFECallback`` on settings that freeze within the first
+LoRA, NeuroAda freezing from the input side under gradient checkpointing) each rank trains STEPS AdamW steps with ``SAFECallback`` on settings that freeze within the first
 steps, and writes SAFE's history and freeze steps, each parameter's value when it froze (seen by
 :class:`FreezeRecorder`, placed after SAFE), the final adapter values and the parameters that still
 have optimizer state. The dataset is exactly one global batch (WORLD * MICRO rows), so every step of
@@ -30,13 +30,15 @@ LENGTH = 24
 LAYERS = 4
 # Checks every step after a 2-step warm-up, threshold 1.0 by step 6, at most half of the 4 blocks frozen.
 SETTINGS = dict(warmup_steps=2, freeze_end_steps=6, check_every=1, max_threshold=1.0, max_frozen_fraction=0.5)
-METHODS = ("neuroada", "lora")
+# "neuroada_input": NeuroAda with freeze_from_input_only and non-reentrant gradient checkpointing, so that the
+# lowest block freezes and SAFE cuts the graph at the embedding output (which checkpointing makes require grad).
+METHODS = ("neuroada", "lora", "neuroada_input")
 
 
 def build(method: str) -> torch.nn.Module:
     """The tiny 4-layer Llama (seed 0) with a NeuroAda (top-2) or LoRA (r=4) adapter on every projection."""
     base = tiny_llama(0, vocab_size=VOCAB, num_hidden_layers=LAYERS)
-    config = LoraConfig(r=4, target_modules=TARGETS) if method == "lora" else peft_config()
+    config = LoraConfig(r=4, target_modules=TARGETS) if method == "lora" else peft_config()  # neuroada*
     model = get_peft_model(base, config)
     model.train()
     return model
@@ -83,6 +85,15 @@ class FreezeRecorder(TrainerCallback):
         self.at_last_freeze: dict[str, torch.Tensor] = {}
         self.optimizer = None
         self.grad_mismatch: set[str] = set()  # frozen with a gradient, or training without one
+        self.block0_input_requires_grad: dict[int, bool] = {}  # per step: does autograd record below block 0?
+        self._step = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def pre_hook(module, inputs):
+            if module.training and torch.is_grad_enabled():
+                self.block0_input_requires_grad[self._step + 1] = bool(inputs[0].requires_grad)
+
+        model.get_base_model().model.layers[0].register_forward_pre_hook(pre_hook)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         for name, param in self.params.items():
@@ -91,6 +102,7 @@ class FreezeRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self.optimizer = optimizer
+        self._step = state.global_step
         new = [n for n, p in self.params.items() if not p.requires_grad and n not in self.frozen_at]
         for name in new:
             self.frozen_at[name] = state.global_step
@@ -114,10 +126,18 @@ class ReplayFreezes(TrainerCallback):
                 optimizer.optimizer.state.pop(param, None)
 
 
+def method_args(method: str, out: Path, world: int, **overrides) -> TrainingArguments:
+    if method == "neuroada_input":
+        overrides = dict(
+            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, **overrides
+        )
+    return training_args(out, world, **overrides)
+
+
 def train(method: str, out: Path, world: int, callbacks: list, **overrides) -> tuple[Trainer, torch.nn.Module]:
     model = build(method)
     trainer = Trainer(
-        model=model, args=training_args(out, world, **overrides), train_dataset=dataset(), callbacks=callbacks
+        model=model, args=method_args(method, out, world, **overrides), train_dataset=dataset(), callbacks=callbacks
     )
     trainer.train()
     return trainer, model
@@ -147,11 +167,11 @@ def main() -> None:
     for method in args.methods.split(","):
         model = build(method)
         params = trainable(model)
-        safe = SAFECallback(**SETTINGS)
+        safe = SAFECallback(**SETTINGS, freeze_from_input_only=method == "neuroada_input")
         recorder = FreezeRecorder(params)
         trainer = Trainer(
             model=model,
-            args=training_args(args.out / method, WORLD, **overrides),
+            args=method_args(method, args.out / method, WORLD, **overrides),
             train_dataset=dataset(),
             callbacks=[safe, recorder],
         )
@@ -163,6 +183,7 @@ def main() -> None:
             "wrapped": type(wrapped).__name__,
             "find_unused_parameters": getattr(wrapped, "find_unused_parameters", None),
             "units": [unit.name for unit in safe.units],
+            "block0_input_requires_grad": recorder.block0_input_requires_grad,
             "history": safe.history,
             "freeze_steps": safe.freeze_steps,
             "frozen_at": recorder.frozen_at,
