@@ -1,8 +1,9 @@
 """SAFE (selective adapter freezing) with the plain Transformers ``Trainer`` under DDP on 2 CPU processes (gloo).
 
 Launched by tests/test_distributed_safe.py with ``torch.distributed.run``. Per method (NeuroAda top-2, PEFT
-LoRA, NeuroAda freezing from the input side under gradient checkpointing) each rank trains STEPS AdamW steps with ``SAFECallback`` on settings that freeze within the first
-steps, and writes SAFE's history and freeze steps, each parameter's value when it froze (seen by
+LoRA, NeuroAda freezing from the input side under gradient checkpointing) each rank trains STEPS AdamW
+steps with ``SAFECallback`` on settings that freeze within the first steps, and writes SAFE's history and
+freeze steps, each parameter's value when it froze (seen by
 :class:`FreezeRecorder`, placed after SAFE), the final adapter values and the parameters that still
 have optimizer state. The dataset is exactly one global batch (WORLD * MICRO rows), so every step of
 the 2-rank run and of the single-process reference (:func:`train`, ``world=1``, in the test) sees the
