@@ -17,7 +17,7 @@ import torch
 from tests.distributed.common import WORLD, assert_theta_close, launch
 from tests.distributed.safe_worker import METHODS, STEPS, ReplayFreezes, losses, train
 
-REFUSAL = "SAFECallback under DDP needs ddp_find_unused_parameters=True (or unset)"
+REFUSAL = "SAFECallback under DDP needs find_unused_parameters=True"
 
 
 @pytest.fixture(scope="module")

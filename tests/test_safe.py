@@ -314,6 +314,27 @@ def test_fsdp_and_deepspeed_are_refused(tmp_path, monkeypatch):
         safe.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
 
 
+@pytest.mark.parametrize("setting", [None, True, False])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("wrapper", ["peft_model", "bare_model"])
+def test_the_ddp_check_reads_find_unused_parameters_as_the_trainer_gives_it(wrapper, checkpointing, setting, tmp_path):
+    """Reference: the DDP kwargs Transformers' own Trainer builds for the same model and arguments."""
+    from peft import inject_adapter_in_model
+
+    from neuroada_plugin.safe.callback import _ddp_finds_unused_parameters
+
+    if wrapper == "peft_model":
+        model = _model("lora")
+    else:  # a PreTrainedModel carrying adapter layers, as when a framework injects them itself
+        model = inject_adapter_in_model(LoraConfig(r=4, target_modules=TARGETS), tiny_llama(0, vocab_size=256))
+    args = _args(tmp_path, ddp_find_unused_parameters=setting, gradient_checkpointing=checkpointing)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset())
+    (handler,) = trainer._build_accelerator_args()["kwargs_handlers"]
+    assert _ddp_finds_unused_parameters(args, trainer.model) is handler.find_unused_parameters
+    if wrapper == "bare_model" and checkpointing and setting is None:
+        assert handler.find_unused_parameters is False  # the case the check exists for
+
+
 def test_trl_sft_with_gradient_checkpointing(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer

@@ -62,11 +62,31 @@ def _refuse_unsupported_parallelism(args: TrainingArguments, model: nn.Module) -
             "Train with DDP (find_unused_parameters=True) or a single process, or remove the SAFE callback."
         )
     _, world = _distributed()
-    if world > 1 and args.ddp_find_unused_parameters is False:
+    if world > 1 and not _ddp_finds_unused_parameters(args, model):
         raise ValueError(
-            "SAFECallback under DDP needs ddp_find_unused_parameters=True (or unset): frozen adapters get no gradient, "
-            "which DDP with find_unused_parameters=False reports as an error at the next step."
+            "SAFECallback under DDP needs find_unused_parameters=True: frozen adapters get no gradient, which DDP "
+            "with find_unused_parameters=False reports as an error at the next step. Set "
+            "ddp_find_unused_parameters=True (Transformers picks False by itself for a bare model trained with "
+            "gradient checkpointing)."
         )
+
+
+def _ddp_finds_unused_parameters(args: TrainingArguments, model: nn.Module) -> bool:
+    """The ``find_unused_parameters`` the Trainer gives DDP: the argument, else its rule for unset.
+
+    Callbacks see the unwrapped model, so this follows ``Trainer._build_accelerator_args``: unset means
+    False for a ``PreTrainedModel`` with activation checkpointing on (True for a ``PeftModel``).
+    """
+    if args.ddp_find_unused_parameters is not None:
+        return bool(args.ddp_find_unused_parameters)
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return True
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return not (bool(checkpointing) or bool(getattr(args, "activation_checkpointing", False)))
 
 
 class SAFECallback(TrainerCallback, ExportableState):
