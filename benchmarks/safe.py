@@ -163,21 +163,25 @@ def markdown_report(payload: dict[str, Any]) -> list[str]:
             f"{mem / 2**30:.3f} GiB | {mem_ratio} | {step:.2f} | {step_ratio} | "
             f"{acc:.3f} ± {_se(acc, row['heldout_n']):.3f} | {delta} |"
         )
-    lines += ["", "Verdict (target: memory and step time after freezing lower, accuracy within one SE):", ""]
+    lines += [
+        "",
+        "Verdict (target: memory and step time after freezing lower, accuracy not lower than without SAFE by more "
+        "than one SE; a run that froze nothing trained exactly as the one without SAFE, so its ratios show the "
+        "callback's own cost and the run-to-run noise of this machine):",
+        "",
+    ]
     for row in rows:
         base = next((r for r in rows if r["method"] == row["method"] and r["variant"] == "none"), None)
         if row["variant"] == "none" or base is None or "error" in row or "error" in base:
             continue
         lower_mem = row["post_freeze_peak_bytes"] < base["post_freeze_peak_bytes"]
         lower_step = row["post_freeze_step_s"] < base["post_freeze_step_s"]
-        within = abs(row["heldout_accuracy"] - base["heldout_accuracy"]) <= _se(
-            base["heldout_accuracy"], base["heldout_n"]
-        )
+        within = base["heldout_accuracy"] - row["heldout_accuracy"] <= _se(base["heldout_accuracy"], base["heldout_n"])
         froze = row["frozen_units"] > 0
-        verdict = "PASS" if froze and lower_mem and lower_step and within else "MISS"
+        verdict = ("PASS" if lower_mem and lower_step and within else "MISS") if froze else "nothing frozen (control)"
         lines.append(
             f"- {METHODS[row['method']]} {row['variant']}: froze {row['frozen_units']} units, memory lower {lower_mem}, "
-            f"step time lower {lower_step}, accuracy within one SE {within}: {verdict}"
+            f"step time lower {lower_step}, accuracy at most one SE lower {within}: {verdict}"
         )
     return lines + [""]
 

@@ -205,7 +205,8 @@ class SAFECallback(TrainerCallback, ExportableState):
             self._model, self._units, self._probe, self.config.importance, self.config.probe_tokens, self._grams
         )
         scores = self._agree(scores)
-        self._grams = grams
+        # only the 'drift' reading compares with the previous check; 'disabled' keeps nothing (~0.5 MiB a module)
+        self._grams = grams if self.config.importance == "drift" else None
         threshold = schedule.threshold(step)
         chosen = self._choose(scores, threshold)
         for unit in chosen:
