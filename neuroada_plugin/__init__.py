@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **{name: "neuroada" for name in ("NeuroAdaLayer", "select_connections")},
     **{name: "safe" for name in ("SAFECallback", "SAFEConfig")},  # a training callback, not a method
+    "restore_adapter_dtypes": "kit.adapter_dtype",  # undo a trainer's bf16 cast on quantized bases
 }
 
 

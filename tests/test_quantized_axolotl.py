@@ -25,6 +25,7 @@ from test_axolotl import (
     _run,
     _tail,
     _write_config,
+    write_data_files,
 )
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -150,3 +151,48 @@ def test_quantized_loading_validates_and_other_schemes_are_refused_naming_the_su
     error = results["gptq"]["error"]
     assert not results["gptq"]["ok"] and "cannot train on this quantized base model (gptq: true)" in error, error
     assert "load_in_4bit: true, load_in_8bit: true (bitsandbytes)" in error, error
+
+
+# (rl mode, neuroada_theta_dtype) -> the theta dtype that must train and be saved on a 4-bit base, where TRL casts
+# the trainable parameters to bf16 when it builds the DPO/KTO trainer (kit/adapter_dtype.py restores them).
+RL_THETA_DTYPES = {
+    ("dpo", None): torch.float32,
+    ("dpo", "float32"): torch.float32,
+    ("dpo", "bfloat16"): torch.bfloat16,
+}
+
+
+@pytest.mark.parametrize(("rl", "theta_dtype"), list(RL_THETA_DTYPES))
+def test_rl_on_a_4bit_base_trains_and_saves_the_theta_dtype_asked_for(
+    qworkdir, tiny_llama_dir, train_questions_rl, rl, theta_dtype
+):
+    expected = RL_THETA_DTYPES[(rl, theta_dtype)]
+    name = f"{rl}-{theta_dtype}"
+    config = _write_config(
+        f"tiny_{rl}",
+        qworkdir,
+        tiny_llama_dir,
+        train_questions_rl[rl],
+        max_steps=2,
+        output_dir=str(qworkdir / f"out-rl-{name}"),
+        dataset_prepared_path=str(qworkdir / f"prepared-rl-{rl}"),
+        load_in_4bit=True,
+        neuroada_theta_dtype=theta_dtype,
+    )
+    process = _run([str(AXOLOTL_BIN), "train", str(config), "--launcher", "python"], cwd=qworkdir)
+    assert process.returncode == 0, f"axolotl train ({name}) failed:\n{_tail(process)}"
+    assert "quantized base for adapter: neuroada: 14 bnb_4bit layers" in process.stdout, process.stdout[-3000:]
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    saved = load_file(output_dir / "adapter_model.safetensors")
+    thetas = {k: v for k, v in saved.items() if "neuroada_theta" in k}
+    assert len(thetas) == 14 and {v.dtype for v in thetas.values()} == {expected}, {v.dtype for v in thetas.values()}
+    assert json.loads((output_dir / "adapter_config.json").read_text())["theta_dtype"] == theta_dtype
+    assert all(torch.count_nonzero(v) > 0 for v in thetas.values())  # it trained
+    if expected == torch.float32:  # trained in float32: values a bf16 theta could not hold
+        assert any(not torch.equal(v.to(torch.bfloat16).float(), v) for v in thetas.values())
+
+
+@pytest.fixture(scope="module")
+def train_questions_rl(qworkdir) -> dict[str, Path]:
+    """Preference data files of the RL configs (the same rows as tests/test_axolotl.py's)."""
+    return write_data_files(qworkdir / "rl-data", commonsense.make_splits(commonsense.load_source("obqa")).train[:8])

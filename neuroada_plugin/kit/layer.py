@@ -27,6 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..registry import get_method
+from .adapter_dtype import restore_layer_dtypes
 from .fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
 from .quantized import bnb_layer_kind, dequantize_weight
 from .sharded import full_shape, gathered
@@ -101,6 +102,7 @@ class MethodLayer(nn.Module, BaseTunerLayer):
     # ---------------------------------------------------------------------------- the skeleton
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        restore_layer_dtypes(self)  # a trainer's bf16 cast on a quantized base (kit/adapter_dtype.py)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -181,6 +183,8 @@ class MethodLayer(nn.Module, BaseTunerLayer):
     ) -> None:
         # Runs before the child containers load their entries: the whole layer is checked first, so a bad
         # file fails with the layer's name, and only then is its base compared with the recorded fingerprint.
+        # Dtypes a trainer cast are restored first, so a float32 checkpoint loads without rounding.
+        restore_layer_dtypes(self)
         self.check_loaded_state(state_dict, prefix)
         weight = self.get_base_layer().weight
         layer = prefix.removeprefix(_PEFT_MODEL_PREFIX).rstrip(".") or self.layer_name()
@@ -197,6 +201,10 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        restore_layer_dtypes(self)  # before the child containers save: the file holds the config's dtype
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)  # PEFT removes it from every container in other_param_names

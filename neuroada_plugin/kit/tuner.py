@@ -13,7 +13,9 @@ A method's tuner sets ``method_name`` and ``tuner_layer_cls`` and writes :meth:`
 * every layer checked before any is merged (NaN/inf), in ``merge_adapter`` and ``merge_and_unload``;
 * PEFT's dtype cast keeping each adapter tensor's ``requires_grad`` (PEFT's generic
   ``_cast_adapter_dtype`` re-wraps ``ParameterDict`` entries as trainable parameters: a frozen,
-  inactive or inference-only adapter would silently become trainable);
+  inactive or inference-only adapter would silently become trainable), then a method's own dtype
+  option (``_pin_adapter_dtype``), and the resulting dtypes recorded on quantized bases so that a
+  trainer's later bf16 cast is undone (:mod:`.adapter_dtype`);
 * the base-fingerprint mismatches its layers note while loading, raised once the load is complete
   (:mod:`.fingerprint`), and the guard of bitsandbytes 4-bit layers against their CPU-packed layout
   while the adapter is attached (:mod:`.bnb_cpu_layout`).
@@ -29,6 +31,7 @@ from torch import nn
 from ..config_base import DEFAULT_TARGET_MODULES
 from ..errors import UnsupportedTargetError
 from ..registry import MethodSpec, get_method
+from .adapter_dtype import record_adapter_dtypes
 from .bnb_cpu_layout import guard_4bit_layers, unguard_4bit_layers
 from .fingerprint import raise_pending_mismatches
 from .quantized import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind
@@ -209,8 +212,15 @@ class MethodTuner(BaseTuner):
             (container, container[adapter_name].requires_grad) for container in self._adapter_containers(adapter_name)
         ]
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self._pin_adapter_dtype(adapter_name)
         for container, requires_grad in flags:
             container[adapter_name].requires_grad_(requires_grad)
+        for module in self.model.modules():
+            if isinstance(module, self.tuner_layer_cls):
+                record_adapter_dtypes(module, adapter_name)  # kept through TRL's bf16 cast (kit/adapter_dtype.py)
+
+    def _pin_adapter_dtype(self, adapter_name: str) -> None:
+        """A method's own dtype option, applied after PEFT's autocast (default: none; NeuroAda's ``theta_dtype``)."""
 
     def _adapter_containers(self, adapter_name: str) -> list[nn.ParameterDict]:
         """Every ``ParameterDict`` of a tuner layer that holds a tensor of ``adapter_name``."""

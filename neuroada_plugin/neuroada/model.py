@@ -50,10 +50,9 @@ class NeuroAdaModel(MethodTuner):
         _check_complete(result)
         return result
 
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """PEFT's cast (bf16/fp16 adapters upcast to float32 unless ``autocast_adapter_dtype=False``; flags kept by
-        the kit's tuner), except that a theta pinned by ``config.theta_dtype`` keeps that dtype."""
-        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    def _pin_adapter_dtype(self, adapter_name: str) -> None:
+        """After PEFT's cast (bf16/fp16 adapters upcast to float32 unless ``autocast_adapter_dtype=False``), a theta
+        pinned by ``config.theta_dtype`` gets that dtype back."""
         pinned = self.peft_config[adapter_name].torch_theta_dtype
         if pinned is None:
             return

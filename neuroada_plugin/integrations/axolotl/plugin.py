@@ -15,6 +15,7 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 from peft import PeftConfig, PeftModel, get_peft_model
 
+from ...kit.adapter_dtype import restore_adapter_dtypes
 from ...registry import MethodSpec
 from .args import build_args_model, exposed_fields, registered_specs, yaml_key
 from .quantized import install_quantized_loading, prepare_quantized_model
@@ -146,7 +147,11 @@ class MethodsPlugin(BasePlugin):
         return peft_model, config
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        """RL runs: make the final save adapter-only, as it is for SFT.
+        """Undo TRL's bf16 cast of the adapter on a quantized base; RL runs: make the final save adapter-only.
+
+        TRL casts the trainable parameters of a 4-bit/8-bit model to bf16 when it builds its trainer
+        (kit/adapter_dtype.py); here, before ``train()`` wraps the model for DDP, they get back the
+        dtype the adapter config chose (``neuroada_theta_dtype``, else float32), on every rank.
 
         For DPO/IPO/KTO, TRL wraps the policy itself, and axolotl's final save
         (``train.save_trained_model``) calls ``save_pretrained`` on the PeftModel *and* on the
@@ -156,6 +161,10 @@ class MethodsPlugin(BasePlugin):
         ``save_pretrained`` at the PeftModel's makes the second save rewrite the same adapter.
         """
         spec = self._spec_for(cfg)
+        if spec is not None and getattr(trainer, "model", None) is not None:
+            restored = restore_adapter_dtypes(trainer.model)
+            if restored and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                LOG.info("Restored the dtype the %s config asks for on %d adapter tensors", spec.name, restored)
         if spec is None or not cfg_get(cfg, "rl"):
             return
         peft_model = getattr(trainer, "model", None)
