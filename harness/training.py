@@ -11,6 +11,8 @@ is in each example's ``main()``.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -181,6 +183,37 @@ def evaluate(model: Any, tokenizer: Any, heldout: list[commonsense.MCQuestion], 
         )
     print(f"[{label}] held-out {result.summary()} [{time.perf_counter() - start:.0f}s]", flush=True)
     return result
+
+
+HELDOUT_SCORES = "heldout_scores.json"
+
+
+def write_heldout_scores(
+    output_dir: str | Path,
+    before: commonsense.MCEvaluation | None,
+    after: commonsense.MCEvaluation | None,
+    args: CommonsenseArguments,
+) -> Path | None:
+    """Write both evaluations and how they were made to ``output_dir/heldout_scores.json`` (atomically).
+
+    A later step (e.g. ``serving/full_loop.py`` scoring the served merged model) reads it to score the
+    same questions the same way and compare question by question.
+    """
+    if before is None or after is None:
+        return None
+    path = Path(output_dir) / HELDOUT_SCORES
+    payload = {
+        "sources": args.sources,
+        "split_seed": args.split_seed,
+        "show_options": args.show_options,
+        "length_normalize": args.length_normalize,
+        "before": before.to_json(),
+        "after": after.to_json(),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+    return path
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

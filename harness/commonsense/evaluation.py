@@ -46,6 +46,22 @@ class MCEvaluation:
     def n(self) -> int:
         return len(self.labels)
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain lists and dicts (for ``json.dump``); :meth:`from_json` reads them back."""
+        return {
+            "uids": self.uids,
+            "sources": self.sources,
+            "labels": self.labels,
+            "predictions": self.predictions,
+            "scores": self.scores,
+            "per_source": self.per_source,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MCEvaluation:
+        return cls(**{key: data[key] for key in ("uids", "sources", "labels", "predictions", "scores")},
+                   per_source=dict(data.get("per_source", {})))  # fmt: skip
+
     def summary(self) -> str:
         parts = ", ".join(f"{name} {acc:.3f}" for name, acc in self.per_source.items())
         return f"accuracy {self.accuracy:.3f} on {self.n} questions" + (
