@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from test_axolotl import (
     AXOLOTL_BIN,
     AXOLOTL_PYTHON,
+    CI_CONFIGS,
     _adapter_tensors,
     _dense_reference_state,
     _logged_losses,
@@ -31,6 +33,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from harness import commonsense
 from neuroada_plugin.kit.quantized import dequantize_weight
+
+sys.path.insert(0, str(CI_CONFIGS))
+import rl_data  # noqa: E402  (axolotl_configs/ci/rl_data.py: the KTO rows of tiny_kto.yml)
 
 TOP_K = 2  # axolotl_configs/ci/tiny_sft.yml
 
@@ -159,6 +164,8 @@ RL_THETA_DTYPES = {
     ("dpo", None): torch.float32,
     ("dpo", "float32"): torch.float32,
     ("dpo", "bfloat16"): torch.bfloat16,
+    ("kto", None): torch.float32,
+    ("kto", "float32"): torch.float32,
 }
 
 
@@ -194,5 +201,6 @@ def test_rl_on_a_4bit_base_trains_and_saves_the_theta_dtype_asked_for(
 
 @pytest.fixture(scope="module")
 def train_questions_rl(qworkdir) -> dict[str, Path]:
-    """Preference data files of the RL configs (the same rows as tests/test_axolotl.py's)."""
-    return write_data_files(qworkdir / "rl-data", commonsense.make_splits(commonsense.load_source("obqa")).train[:8])
+    """Preference data files of the RL configs (the same rows as tests/test_axolotl.py's; KTO's made from them)."""
+    files = write_data_files(qworkdir / "rl-data", commonsense.make_splits(commonsense.load_source("obqa")).train[:8])
+    return {**files, **rl_data.write_rl_files(files["dpo"], files["dpo"].parent, "train")}

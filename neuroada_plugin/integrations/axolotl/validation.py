@@ -14,7 +14,8 @@ not from one method's policies:
 * every method: misspelt keys (a wrong ``<method>_*`` field, a misspelt prefix such as
   ``neuroda_top_k``, a bare field such as ``top_k`` under ``adapter: neuroada``), LoRA-only keys
   that would be ignored (naming the method's equivalent), merge methods that only understand
-  LoRA files, and RL continuations that would drop the adapter.
+  LoRA files, RL continuations that would drop the adapter, and RL types that cannot train an
+  adapter (``rl: gdpo``, see :data:`UNTRAINABLE_RL`).
 
 Axolotl drops undeclared keys silently, so a misspelt key would train with a default instead.
 Only keys that Axolotl's own schema does not declare are ever called misspelt: its key set comes
@@ -53,6 +54,21 @@ __all__ = [
 # RL types for which axolotl asks the adapter loader for the config only and lets TRL wrap
 # the policy (axolotl/loaders/model.py `_load_adapters`).
 CONFIG_ONLY_RL = ("dpo", "ipo", "kto")
+
+# RL types that fail with any adapter in axolotl 0.19, LoRA included, -> why, and what to write instead.
+# `rl: gdpo`: axolotl wraps the model with the adapter before building the trainer (gdpo is not in
+# `_load_adapters`' config-only list) and also passes `peft_config` to TRL's GRPOTrainer (gdpo is not in
+# the exclusions of `HFRLTrainerBuilder.build`), which TRL refuses. Everything else axolotl does for
+# gdpo is `rl: grpo` plus `multi_objective_aggregation` defaulting to `normalize_then_sum`.
+UNTRAINABLE_RL: dict[str, str] = {
+    "gdpo": (
+        "axolotl 0.19 wraps the model with the adapter itself and then also hands TRL the adapter config, which "
+        "TRL's GRPOTrainer refuses (\"You passed a `PeftModel` instance together with a `peft_config` to the "
+        'trainer"); LoRA fails the same way. GDPO is GRPO with each reward normalised before the sum, and '
+        "that is all `rl: gdpo` changes: write `rl: grpo` with `trl: {multi_objective_aggregation: "
+        "normalize_then_sum}` instead (see axolotl_configs/ci/tiny_grpo.yml)."
+    ),
+}
 
 # LoRA-specific keys that shape what a LoRA adapter trains. With another adapter they would
 # be ignored silently; they are rejected instead. Values: the PEFT config field(s) the key sets
@@ -437,7 +453,10 @@ def _check_merge_method(spec: MethodSpec, data: Mapping[str, Any]) -> Mapping[st
 
 
 def _check_rl(spec: MethodSpec, data: Mapping[str, Any]) -> None:
-    rl_type = str(data.get("rl") or "").lower()
+    rl = data.get("rl")
+    rl_type = str(getattr(rl, "value", rl) or "").lower()  # a string from YAML, or axolotl's RLType
+    if rl_type in UNTRAINABLE_RL:
+        raise ValueError(f"`rl: {rl_type}` cannot train a {spec.name} adapter: {UNTRAINABLE_RL[rl_type]}")
     if rl_type in CONFIG_ONLY_RL and _present(data, "lora_model_dir") and not data.get("merge_lora"):
         raise ValueError(
             f"`rl: {data.get('rl')}` with `lora_model_dir` would restart the {spec.name} adapter from zero: for "
