@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Any
 
 from peft.mapping import (
@@ -33,7 +34,7 @@ from peft.mapping import (
 from peft.utils import PeftType
 from peft.utils.peft_types import register_peft_method
 
-from .registry import MethodSpec, get_method, methods
+from .registry import ExternalMethodWarning, MethodSpec, discard_broken, get_method, method_origin, methods
 
 __all__ = ["ensure_peft_type", "ensure_registered", "register_all", "register_method", "registered_methods"]
 
@@ -142,9 +143,29 @@ def ensure_registered(name: str) -> PeftType:
 
 
 def register_all() -> list[str]:
-    """Register every method of the registry with PEFT (idempotent); return the registered names."""
+    """Register every method of the registry with PEFT (idempotent); return the registered names.
+
+    A method from outside this package whose classes fail to import (a broken or mismatched
+    third-party package) is dropped from the registry with a warning: this runs inside ``import peft``
+    (start-up hook), which must keep working, with the other methods registered; dropped, it cannot
+    break the Axolotl plugin either. A built-in that fails still raises.
+    """
     for spec in methods().values():
-        _register_spec(spec)
+        try:
+            _register_spec(spec)
+        except Exception as error:
+            origin = method_origin(spec.name)
+            if origin is None:
+                raise
+            discard_broken(spec.name, f"registering it with PEFT raised {type(error).__name__}: {error}")
+            warnings.warn(
+                f"neuroada_plugin could not register the method {spec.name!r} ({origin}) with PEFT: "
+                f"{type(error).__name__}: {error}. Its adapters cannot be created or loaded; the other methods "
+                "work. Reinstall the package that provides it (a version that matches this neuroada_plugin), or "
+                "uninstall it.",
+                ExternalMethodWarning,
+                stacklevel=2,
+            )
     return sorted(_REGISTERED)
 
 

@@ -7,6 +7,11 @@ new method is its own folder plus one registration line.
 This module is import-light on purpose (no torch, PEFT or Transformers): the merge CLI and
 ``neuroada-plugin methods`` read the registry without paying for those imports. A spec
 therefore names its classes and its merge rule by import path; they are imported on first use.
+
+Methods come from three places, loaded the first time the registry is read, in this order: the
+built-ins (:data:`BUILTIN_SPEC_MODULES`), the entry points of every installed distribution in the
+group :data:`ENTRY_POINT_GROUP` (how another package ships a method), and the modules named in
+:data:`EXTRA_METHODS_ENV` (for development, without installing anything).
 """
 
 from __future__ import annotations
@@ -14,18 +19,26 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = [
     "BUILTIN_SPEC_MODULES",
+    "ENTRY_POINT_GROUP",
     "EXTRA_METHODS_ENV",
+    "ExternalMethodWarning",
     "MethodSpec",
     "UnknownMethodError",
+    "discard_broken",
     "get_method",
     "load_object",
     "method_for_peft_type",
+    "method_origin",
     "methods",
     "register",
     "unregister",
@@ -37,6 +50,14 @@ class UnknownMethodError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class ExternalMethodWarning(UserWarning):
+    """A method from outside this package was skipped: its entry point is broken or collides, or its classes fail.
+
+    A warning, not an error: the registry is read when ``peft`` is imported (start-up hook), so one
+    broken third-party package must not break PEFT or the other methods.
+    """
 
 
 def load_object(path: str) -> Any:
@@ -183,13 +204,28 @@ BUILTIN_SPEC_MODULES: tuple[str, ...] = (
     "neuroada_plugin.neft",
 )
 
-# Methods living outside this package: a comma-separated list of modules that register a spec
-# on import. Read in every process that consults the registry (training scripts, the start-up
-# hook, Axolotl, the merge CLI), so an external method loads and merges like a built-in one.
+# Methods installed by other packages: each distribution declares, in its ``pyproject.toml``,
+#     [project.entry-points."neuroada_plugin.methods"]
+#     mymethod = "mypkg.mymethod"          # a module that calls register(MethodSpec(...)) on import
+#     # or "mypkg.mymethod:SPEC"           # an object that is a MethodSpec (registered here)
+# Discovered through the installed metadata, so every process that reads the registry (training
+# scripts, the start-up hook, Axolotl, the merge CLI, `neuroada-plugin methods`) finds them with
+# nothing to configure.
+ENTRY_POINT_GROUP = "neuroada_plugin.methods"
+
+# Methods living outside this package, for development: a comma-separated list of modules that
+# register a spec on import. Read in every process that consults the registry, like the entry points.
 EXTRA_METHODS_ENV = "NEUROADA_PLUGIN_METHODS"
 
 _SPECS: dict[str, MethodSpec] = {}
 _BUILTINS_LOADED = False
+# One line per entry point that could not be loaded (or method of one whose classes failed when
+# registering with PEFT), kept so that asking for its method later (get_method,
+# method_for_peft_type) says why it is missing rather than only "unknown".
+_EXTERNAL_FAILURES: list[str] = []
+# Where each method that did not come from BUILTIN_SPEC_MODULES came from, for messages about it.
+_ORIGINS: dict[str, str] = {}
+_BUILTIN_NAMES: frozenset[str] = frozenset()
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -203,21 +239,151 @@ def unregister(name: str) -> None:
     _SPECS.pop(name, None)
 
 
+def _describe(entry_point: EntryPoint) -> str:
+    """``'name = value' (package dist)``: what a user needs to find the package that declared it."""
+    dist = getattr(entry_point, "dist", None)
+    dist_name = getattr(dist, "name", None) or (dist.metadata["Name"] if dist is not None else None)
+    where = f" of the package {dist_name!r}" if dist_name else ""
+    return f"entry point {entry_point.name!r} = {entry_point.value!r}{where} (group {ENTRY_POINT_GROUP!r})"
+
+
+def _entry_point_failed(entry_point: EntryPoint, problem: str) -> None:
+    dist = getattr(entry_point, "dist", None)
+    dist_name = getattr(dist, "name", None) or "the package that declares it"
+    description = f"{_describe(entry_point)}: {problem}"
+    _EXTERNAL_FAILURES.append(description)
+    warnings.warn(
+        f"neuroada_plugin skipped the method {description}. Its method is unavailable; the others work. "
+        f"Reinstall {dist_name} (or a version that matches this neuroada_plugin), or uninstall it.",
+        ExternalMethodWarning,
+        stacklevel=4,
+    )
+
+
+def _load_entry_point(entry_point: EntryPoint, taken: dict[str, str]) -> None:
+    """Load one entry point; whatever goes wrong becomes a warning, never an exception.
+
+    A built-in's name is never replaced (a package must not silently change what ``adapter: neuroada``
+    means). ``taken``: method names already claimed by an earlier entry point, with its description
+    (the first in name order keeps the name).
+    """
+    before = dict(_SPECS)
+    try:
+        loaded = entry_point.load()
+    except Exception as error:  # an import error, or anything its module raises while registering
+        _SPECS.clear()
+        _SPECS.update(before)
+        _entry_point_failed(entry_point, f"loading it raised {type(error).__name__}: {error}")
+        return
+    if isinstance(loaded, MethodSpec):
+        candidates = [loaded]
+    else:
+        candidates = [spec for name, spec in _SPECS.items() if before.get(name) is not spec]
+        if not candidates and hasattr(loaded, "__dict__"):
+            # Its module had been imported before (and registered then): its specs are its attributes.
+            candidates = [v for v in vars(loaded).values() if isinstance(v, MethodSpec) and _SPECS.get(v.name) is v]
+    _SPECS.clear()
+    _SPECS.update(before)  # registered below, one by one, once checked
+    if not candidates:
+        _entry_point_failed(
+            entry_point,
+            f"it loaded {loaded!r:.100}, which is not a MethodSpec, and registered no MethodSpec "
+            "(its module must call neuroada_plugin.registry.register(MethodSpec(...)), or the entry point "
+            "must name a MethodSpec object as 'module:attribute')",
+        )
+        return
+    for spec in candidates:
+        if spec.name in _BUILTIN_NAMES:
+            warnings.warn(
+                f"neuroada_plugin ignored the method {spec.name!r} of the {_describe(entry_point)}: a built-in "
+                f"method has that name and keeps it. Rename the method in that package, or uninstall it.",
+                ExternalMethodWarning,
+                stacklevel=3,
+            )
+        elif spec.name in taken and _SPECS.get(spec.name) is not spec:
+            warnings.warn(
+                f"neuroada_plugin ignored the method {spec.name!r} of the {_describe(entry_point)}: the "
+                f"{taken[spec.name]} registered that name first. Uninstall one of the two packages.",
+                ExternalMethodWarning,
+                stacklevel=3,
+            )
+        else:
+            register(spec)
+            taken[spec.name] = _ORIGINS[spec.name] = _describe(entry_point)
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points  # here, not at import: scanning the installed metadata costs
+
+    taken: dict[str, str] = {}
+    try:
+        found = entry_points(group=ENTRY_POINT_GROUP)
+    except Exception as error:  # unreadable metadata somewhere on sys.path must not break the built-ins
+        warnings.warn(
+            f"neuroada_plugin could not list the {ENTRY_POINT_GROUP!r} entry points ({type(error).__name__}: "
+            f"{error}); methods of other packages are unavailable.",
+            ExternalMethodWarning,
+            stacklevel=3,
+        )
+        return
+    for entry_point in sorted(found, key=lambda ep: (ep.name, ep.value)):
+        _load_entry_point(entry_point, taken)
+
+
 def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
+    """Load every method once: built-ins, then installed entry points (by name), then ``$NEUROADA_PLUGIN_METHODS``.
+
+    Built-ins first so that no other package can take their names; the environment variable last
+    so that a developer's module can still replace anything while working on it.
+    """
+    global _BUILTINS_LOADED, _BUILTIN_NAMES
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
+        for module in BUILTIN_SPEC_MODULES:
+            importlib.import_module(module)
+        _BUILTIN_NAMES = frozenset(_SPECS)
+        _load_entry_points()
         extra = [m.strip() for m in os.environ.get(EXTRA_METHODS_ENV, "").split(",") if m.strip()]
-        for module in (*BUILTIN_SPEC_MODULES, *extra):
+        for module in extra:
+            before = dict(_SPECS)
             try:
                 importlib.import_module(module)
             except ImportError as error:
-                if module in BUILTIN_SPEC_MODULES:
-                    raise
                 raise ImportError(
                     f"{EXTRA_METHODS_ENV} names {module!r}, which cannot be imported ({error}). Put its folder on "
                     f"PYTHONPATH or remove it from {EXTRA_METHODS_ENV}."
                 ) from error
+            for name, spec in _SPECS.items():
+                if before.get(name) is not spec:
+                    _ORIGINS[name] = f"module {module!r} named in {EXTRA_METHODS_ENV}"
+
+
+def discard_broken(name: str, reason: str) -> None:
+    """Drop method ``name`` from the registry because its classes failed (``reason``), remembering why.
+
+    Called by the PEFT registration for a method from outside this package whose config or tuner
+    cannot be imported: removed, it no longer breaks what reads every method (the Axolotl plugin's
+    keys and validation), and asking for it later names the failure.
+    """
+    _EXTERNAL_FAILURES.append(f"{method_origin(name)}: {reason}")
+    unregister(name)
+
+
+def method_origin(name: str) -> str | None:
+    """Where method ``name`` came from, for messages: ``None`` for a built-in; else its entry point
+    (and package) or its ``NEUROADA_PLUGIN_METHODS`` module, or ``"registered at run time"``."""
+    _ensure_builtins()
+    if name in _BUILTIN_NAMES:
+        return None
+    return _ORIGINS.get(name, "registered at run time")
+
+
+def _failures_note() -> str:
+    if not _EXTERNAL_FAILURES:
+        return ""
+    return " These methods from outside this package failed to load (see the warnings): " + "; ".join(
+        _EXTERNAL_FAILURES
+    )
 
 
 def methods() -> dict[str, MethodSpec]:
@@ -231,7 +397,9 @@ def get_method(name: str) -> MethodSpec:
     specs = methods()
     spec = specs.get(name.lower())
     if spec is None:
-        raise UnknownMethodError(f"Unknown method {name!r}; known methods: {', '.join(sorted(specs)) or 'none'}.")
+        raise UnknownMethodError(
+            f"Unknown method {name!r}; known methods: {', '.join(sorted(specs)) or 'none'}.{_failures_note()}"
+        )
     return spec
 
 
@@ -242,4 +410,6 @@ def method_for_peft_type(peft_type: str) -> MethodSpec:
         if spec.peft_type == wanted:
             return spec
     known = ", ".join(sorted(s.peft_type for s in _SPECS.values())) or "none"
-    raise UnknownMethodError(f"No method of this package has PEFT type {peft_type!r}; known: {known}.")
+    raise UnknownMethodError(
+        f"No method of this package has PEFT type {peft_type!r}; known: {known}.{_failures_note()}"
+    )
