@@ -18,7 +18,8 @@ mkdir -p "$OUT"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 echo "[gpu-check] CPU multi-process tests"
-"$PY" -m pytest -q tests/test_distributed_zero3.py tests/test_distributed_ddp_fsdp.py tests/test_distributed_trl.py
+"$PY" -m pytest -q tests/test_distributed_zero3.py tests/test_distributed_ddp_fsdp.py tests/test_distributed_qlora.py \
+  tests/test_distributed_trl.py
 
 for kind in zero3 fsdp2 ddp; do
   echo "[gpu-check] examples/trl/sft.py under accelerate ($kind, $NGPU GPUs)"

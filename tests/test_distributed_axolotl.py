@@ -74,6 +74,26 @@ CASES = {
         "neat",
         {"adapter": "neat", "fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}},
     ),
+    # A 4-bit base (FSDP-QLoRA, ZeRO-3 QLoRA): FSDP2 and ZeRO-3 train (tests/test_distributed_qlora.py); FSDP1
+    # cannot flatten 4-bit storage beside float32 theta; RAM-efficient loading of a quantized base is untested.
+    "fsdp2_4bit": ("spec", {"adapter": "neuroada", "load_in_4bit": True, "fsdp_version": 2, "fsdp_config": {}}),
+    "zero3_4bit": ("spec", {"adapter": "neuroada", "load_in_4bit": True, "deepspeed": ZERO3}),
+    "zero3_8bit": ("spec", {"adapter": "neuroada", "load_in_8bit": True, "deepspeed": ZERO3}),
+    "fsdp2_8bit": ("spec", {"adapter": "neuroada", "load_in_8bit": True, "fsdp_version": 2, "fsdp_config": {}}),
+    "fsdp1_4bit": (
+        "spec",
+        {"adapter": "neuroada", "load_in_4bit": True, "fsdp_config": {"reshard_after_forward": True}},
+    ),
+    "fsdp1_list_8bit": ("spec", {"adapter": "neuroada", "load_in_8bit": True, "fsdp": ["full_shard", "auto_wrap"]}),
+    "fsdp2_4bit_ram_efficient": (
+        "spec",
+        {
+            "adapter": "neuroada",
+            "load_in_4bit": True,
+            "fsdp_version": 2,
+            "fsdp_config": {"cpu_ram_efficient_loading": True},
+        },
+    ),
 }
 
 
@@ -120,8 +140,18 @@ def test_multi_gpu_configurations(tmp_path, tiny_llama_dir):
         "unsharded_zero2",
         "neat_zero2",
         "neat_fsdp_ram_efficient",
+        "fsdp2_4bit",
+        "zero3_4bit",
+        "zero3_8bit",
     ):
         assert results[name] == "ok", (name, results[name])
+    for name in ("fsdp1_4bit", "fsdp1_list_8bit"):
+        assert results[name].startswith("refused: FSDP1 (`fsdp_version: 1`) with a quantized base"), results[name]
+        assert "Set `fsdp_version: 2`" in results[name], results[name]
+    assert (
+        "cpu_ram_efficient_loading: true` with a quantized base (load_in_4bit: true)"
+        in results["fsdp2_4bit_ram_efficient"]
+    )
     assert results["fsdp_example"] == "ok fsdp_version=2 ram_efficient=True", results["fsdp_example"]
     assert "stage3_gather_16bit_weights_on_model_save: true" in results["zero3_inline_no_gather"]
     assert "empty" in results["zero3_inline_no_gather"]

@@ -35,6 +35,19 @@ if os.environ.get(WORKER_DEADLINE_ENV):
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
+def nf4_config(quant_storage: torch.dtype):
+    """The 4-bit settings of Axolotl's QLoRA (NF4, double quantization) with float32 compute, on this CPU."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=quant_storage,
+    )
+
+
 def peft_config():
     from neuroada_plugin import NeuroAdaConfig
 
@@ -108,17 +121,21 @@ def reference_train(base_dir: Path, data: torch.Tensor) -> tuple[dict, dict]:
     return theta_of(model), indices_of(model)
 
 
-def reference_model(base_dir: Path, data: torch.Tensor, config, steps: int = STEPS) -> tuple[torch.nn.Module, list]:
+def reference_model(
+    base_dir: Path, data: torch.Tensor, config, steps: int = STEPS, quantization_config=None
+) -> tuple[torch.nn.Module, list]:
     """One process, the whole global batch per step: the PEFT model after ``steps`` AdamW steps and its losses.
 
     Seeded like the workers (``torch.manual_seed(0)`` before loading), so randomly initialised adapter
-    tensors start from the same values; ``steps=0`` gives those initial values.
+    tensors start from the same values; ``steps=0`` gives those initial values. ``quantization_config``:
+    load the base quantized (a ``BitsAndBytesConfig``), as the QLoRA workers do.
     """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), config)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=quantization_config)
+    model = get_peft_model(base, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     losses = []

@@ -339,7 +339,9 @@ def _check_sharding(spec: MethodSpec, data: Mapping[str, Any]) -> None:
     Refused: a method that reads weights when created without gathering them (``supports_sharding``
     false) under ZeRO-3 or RAM-efficient loading, and ZeRO-3 without
     ``stage3_gather_16bit_weights_on_model_save: true`` (the Trainer would then save an empty adapter
-    next to a DeepSpeed checkpoint, for every PEFT method).
+    next to a DeepSpeed checkpoint, for every PEFT method), and FSDP1 with a quantized base (it flattens
+    a unit's parameters into one dtype: torch refuses 4-bit storage beside float32 adapter parameters;
+    FSDP2 and ZeRO-3 train on a 4-bit base, tests/test_distributed_qlora.py) or with RAM-efficient loading.
     """
     name = spec.name
     zero_stage = deepspeed_zero_stage(data.get("deepspeed"))
@@ -357,6 +359,30 @@ def _check_sharding(spec: MethodSpec, data: Mapping[str, Any]) -> None:
                 "`fsdp_config.cpu_ram_efficient_loading: true` loads the weights on non-zero ranks as meta tensors, "
                 f"but `adapter: {name}` reads the weights when the adapter is created. Set it to false."
             )
+    quantized = [k for k in QUANTIZED_LOADING if data.get(k)]
+    if quantized and _fsdp_enabled(data) and str(_fsdp_version(data)) != "2":
+        raise ValueError(
+            f"FSDP1 (`fsdp_version: {_fsdp_version(data)}`) with a quantized base ({', '.join(f'{k}: true' for k in quantized)}) "
+            "cannot wrap the model: FSDP1 flattens each unit's parameters into one tensor of one dtype, and the "
+            "quantized weights (4-bit packed in bfloat16 storage, 8-bit as int8) sit beside the floating-point "
+            f"`adapter: {name}` parameters and norms. "
+            "Set `fsdp_version: 2` (FSDP2 shards each parameter on its own; Axolotl's FSDP-QLoRA patches are "
+            "FSDP2-only too), or use DeepSpeed ZeRO-3, which trains on a 4-bit base as well."
+        )
+    if data.get("load_in_8bit") and _fsdp_enabled(data):
+        raise ValueError(
+            f"FSDP2 with an 8-bit base (`load_in_8bit: true`) is not supported for `adapter: {name}`: sharding "
+            "bitsandbytes' Int8Params drops the int8 statistics its layer needs ('Parameter' object has no "
+            "attribute 'CB' on the first forward, tests/test_distributed_qlora.py). Use `load_in_4bit: true` "
+            "with `fsdp_version: 2`, or DeepSpeed ZeRO-3, which trains on an 8-bit base."
+        )
+    if quantized and ram_efficient:
+        raise ValueError(
+            f"`fsdp_config.cpu_ram_efficient_loading: true` with a quantized base ({', '.join(f'{k}: true' for k in quantized)}) "
+            f"is not supported for `adapter: {name}`: Axolotl's sharded quantized loading is written for `adapter: "
+            "qlora` only, and meta-device quantized layers on the other ranks are untested here. Set it to false: "
+            "each rank then loads the quantized model (a quarter of its bf16 size for 4-bit) and FSDP2 shards it."
+        )
     if spec.reads_weights_in_forward and not spec.supports_sharding and zero_stage == 3:
         raise ValueError(
             f"DeepSpeed ZeRO-3 (`deepspeed: {data.get('deepspeed')}`) partitions every weight outside its own "
@@ -370,6 +396,19 @@ def _check_sharding(spec: MethodSpec, data: Mapping[str, Any]) -> None:
             f"`adapter: {name}` file (each rank holds only a partition of theta) and a DeepSpeed checkpoint instead. "
             "Set it to true in the DeepSpeed JSON (axolotl_configs/deepspeed/zero3.json does)."
         )
+
+
+def _fsdp_enabled(data: Mapping[str, Any]) -> bool:
+    return bool(data.get("fsdp_config") or data.get("fsdp"))
+
+
+def _fsdp_version(data: Mapping[str, Any]) -> Any:
+    """Axolotl's rule: top-level ``fsdp_version``, else ``fsdp_config.fsdp_version``, else 1."""
+    version = data.get("fsdp_version")
+    fsdp_config = data.get("fsdp_config")
+    if version is None and isinstance(fsdp_config, Mapping):
+        version = fsdp_config.get("fsdp_version")
+    return 1 if version is None else version
 
 
 def _deepspeed_config(deepspeed: Any) -> Mapping[str, Any] | None:
