@@ -24,9 +24,10 @@ here, in the main environment, against what the adapter must be:
   config, zero theta (NEAT: zero B) and, loaded alone, exactly the base model's logits; no other mode
   writes ``ref/``.
 
-``rl: gdpo`` cannot work with any adapter in Axolotl 0.19; its refusal at config validation is tested
-below, next to the launcher note of the README (``--launcher python`` does not import reward modules
-from the working directory).
+``rl: gdpo`` cannot work with any adapter in Axolotl 0.19, and Axolotl's async GRPO trainer (or
+``vllm_lora_sync``) sends vLLM LoRA weights only: both are refused at config validation, tested below
+next to the launcher note of the README (``--launcher python`` does not import reward modules from the
+working directory).
 """
 
 from __future__ import annotations
@@ -239,14 +240,38 @@ def test_rl_mode_trains_the_adapter(name, workdir, tiny_llama_dir, rl_files, bas
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_gdpo_is_refused_at_config_validation_and_its_grpo_spelling_accepted(workdir, tiny_llama_dir, rl_files):  # noqa: F811
-    """``rl: gdpo`` fails with any adapter in Axolotl 0.19 (TRL refuses a PeftModel plus a peft_config): the plugin
-    refuses it while the config is read, for NeuroAda and NEAT, and names the GRPO spelling that trains."""
-    grpo_gdpo = {"trl": _grpo_trl(multi_objective_aggregation="normalize_then_sum")}
+def test_rl_settings_that_cannot_train_the_adapter_are_refused_at_config_validation(workdir, tiny_llama_dir, rl_files):  # noqa: F811
+    """Refused while the config is read, for NeuroAda and NEAT, each naming what trains instead:
+
+    * ``rl: gdpo`` fails with any adapter in Axolotl 0.19 (TRL refuses a PeftModel plus a peft_config);
+      its GRPO spelling is accepted;
+    * vLLM generation with Axolotl's async GRPO trainer (``async_prefetch`` / ``use_data_producer``) or
+      ``vllm_lora_sync`` sends the server LoRA weights only: the adapter would train against a stale
+      server. The synchronous trainer with vLLM (TRL's ``merge_adapter`` sync) is accepted.
+    """
+    grpo = {"trl": _grpo_trl(multi_objective_aggregation="normalize_then_sum")}
+    vllm = {"trl": _grpo_trl(use_vllm=True, vllm_mode="server")}
+    sync_cases = {
+        "async_prefetch": {"trl": _grpo_trl(use_vllm=True, vllm_mode="server", async_prefetch=True)},
+        "vllm_lora_sync": {"trl": _grpo_trl(use_vllm=True, vllm_mode="server", vllm_lora_sync=True)},
+        "use_data_producer": {"trl": _grpo_trl(use_vllm=True, vllm_mode="server", use_data_producer=True)},
+    }
+    data = rl_files["dpo"]
     paths = {
-        "gdpo": _write_config("tiny_grpo", workdir, tiny_llama_dir, rl_files["dpo"], rl="gdpo"),
-        "neat_gdpo": _write_config("tiny_grpo", workdir, tiny_llama_dir, rl_files["dpo"], rl="gdpo", **NEAT_KEYS),
-        "grpo_normalize_then_sum": _write_config("tiny_grpo", workdir, tiny_llama_dir, rl_files["dpo"], **grpo_gdpo),
+        "gdpo": _write_config("tiny_grpo", workdir, tiny_llama_dir, data, rl="gdpo"),
+        "neat_gdpo": _write_config("tiny_grpo", workdir, tiny_llama_dir, data, rl="gdpo", **NEAT_KEYS),
+        "grpo_normalize_then_sum": _write_config("tiny_grpo", workdir, tiny_llama_dir, data, **grpo),
+        "grpo_vllm_synchronous": _write_config("tiny_grpo", workdir, tiny_llama_dir, data, **vllm),
+        "async_without_vllm": _write_config(
+            "tiny_grpo", workdir, tiny_llama_dir, data, trl=_grpo_trl(async_prefetch=True)
+        ),
+        **{
+            f"grpo_{name}": _write_config("tiny_grpo", workdir, tiny_llama_dir, data, **overrides)
+            for name, overrides in sync_cases.items()
+        },
+        "neat_grpo_async_prefetch": _write_config(
+            "tiny_grpo", workdir, tiny_llama_dir, data, **sync_cases["async_prefetch"], **NEAT_KEYS
+        ),
     }
     process = _run(
         [str(AXOLOTL_PYTHON), "-c", _VALIDATE_SCRIPT, json.dumps({k: str(v) for k, v in paths.items()})],
@@ -255,7 +280,8 @@ def test_gdpo_is_refused_at_config_validation_and_its_grpo_spelling_accepted(wor
     )
     assert process.returncode == 0 and "RESULTS" in process.stdout, _tail(process)
     results = json.loads(process.stdout.split("RESULTS", 1)[1].strip().splitlines()[0])
-    assert results["grpo_normalize_then_sum"]["ok"], results["grpo_normalize_then_sum"]
+    for name in ("grpo_normalize_then_sum", "grpo_vllm_synchronous", "async_without_vllm"):
+        assert results[name]["ok"], (name, results[name])
     for name, method in [("gdpo", "neuroada"), ("neat_gdpo", "neat")]:
         assert not results[name]["ok"], f"{name}: config was accepted"
         for fragment in [
@@ -265,6 +291,19 @@ def test_gdpo_is_refused_at_config_validation_and_its_grpo_spelling_accepted(wor
             "`rl: grpo` with `trl: {multi_objective_aggregation: normalize_then_sum}`",
         ]:
             assert fragment in results[name]["error"], f"{name}: {fragment!r} not in:\n{results[name]['error']}"
+    for name, key, method in [
+        *[(f"grpo_{key}", key, "neuroada") for key in sync_cases],
+        ("neat_grpo_async_prefetch", "async_prefetch", "neat"),
+    ]:
+        error = results[name].get("error", "")
+        assert not results[name]["ok"], f"{name}: config was accepted"
+        for fragment in [
+            f"`rl: grpo` with `trl.use_vllm: true` and `trl.{key}: true`",
+            f"would train the {method} adapter against a vLLM server that never receives it",
+            "sends the server LoRA weights only",
+            f"Remove `trl.{key}`",
+        ]:
+            assert fragment in error, f"{name}: {fragment!r} not in:\n{error}"
 
 
 def test_launcher_python_does_not_import_reward_modules_from_the_working_directory(

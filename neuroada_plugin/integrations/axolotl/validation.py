@@ -14,8 +14,9 @@ not from one method's policies:
 * every method: misspelt keys (a wrong ``<method>_*`` field, a misspelt prefix such as
   ``neuroda_top_k``, a bare field such as ``top_k`` under ``adapter: neuroada``), LoRA-only keys
   that would be ignored (naming the method's equivalent), merge methods that only understand
-  LoRA files, RL continuations that would drop the adapter, and RL types that cannot train an
-  adapter (``rl: gdpo``, see :data:`UNTRAINABLE_RL`).
+  LoRA files, RL continuations that would drop the adapter, RL types that cannot train an
+  adapter (``rl: gdpo``, see :data:`UNTRAINABLE_RL`), and vLLM weight syncs that send LoRA weights
+  only (:data:`LORA_ONLY_WEIGHT_SYNC`).
 
 Axolotl drops undeclared keys silently, so a misspelt key would train with a default instead.
 Only keys that Axolotl's own schema does not declare are ever called misspelt: its key set comes
@@ -491,11 +492,35 @@ def _check_merge_method(spec: MethodSpec, data: Mapping[str, Any]) -> Mapping[st
     return {**data, "merge_method": "legacy"} if merge_method is None else data  # never mutate the caller's dict
 
 
+# axolotl 0.19's trainers that generate with a vLLM server (GRPO, GDPO, EBFT). In their async variant
+# (`trl.async_prefetch` / `trl.use_data_producer`) and with `trl.vllm_lora_sync` they send the server
+# LoRA weights only: `_sync_peft_weights_no_merge` merges the modules that have `lora_A`/`lora_B` and
+# skips every other one, `_sync_lora_adapter` asks vLLM to load the adapter folder as a LoRA adapter.
+# Another adapter would train against a server that never sees its updates.
+VLLM_GENERATING_RL = ("grpo", "gdpo", "ebft")
+LORA_ONLY_WEIGHT_SYNC = ("async_prefetch", "use_data_producer", "vllm_lora_sync")
+
+
+def _trl_setting(data: Mapping[str, Any], key: str) -> Any:
+    trl = data.get("trl") or {}
+    return trl.get(key) if isinstance(trl, Mapping) else getattr(trl, key, None)
+
+
 def _check_rl(spec: MethodSpec, data: Mapping[str, Any]) -> None:
     rl = data.get("rl")
     rl_type = str(getattr(rl, "value", rl) or "").lower()  # a string from YAML, or axolotl's RLType
     if rl_type in UNTRAINABLE_RL:
         raise ValueError(f"`rl: {rl_type}` cannot train a {spec.name} adapter: {UNTRAINABLE_RL[rl_type]}")
+    lora_only_sync = [key for key in LORA_ONLY_WEIGHT_SYNC if _trl_setting(data, key)]
+    if rl_type in VLLM_GENERATING_RL and _trl_setting(data, "use_vllm") and lora_only_sync:
+        raise ValueError(
+            f"`rl: {rl_type}` with `trl.use_vllm: true` and {', '.join(f'`trl.{k}: true`' for k in lora_only_sync)} "
+            f"would train the {spec.name} adapter against a vLLM server that never receives it: axolotl's async "
+            "GRPO trainer sends the server LoRA weights only (it merges modules that have lora_A/lora_B and skips "
+            "the others; `vllm_lora_sync` loads the adapter into vLLM as a LoRA adapter). Remove "
+            f"{', '.join(f'`trl.{k}`' for k in lora_only_sync)}: the synchronous trainer syncs through "
+            f"`merge_adapter()`, which merges {spec.name} exactly, or set `trl.use_vllm: false`."
+        )
     if rl_type in CONFIG_ONLY_RL and _present(data, "lora_model_dir") and not data.get("merge_lora"):
         raise ValueError(
             f"`rl: {data.get('rl')}` with `lora_model_dir` would restart the {spec.name} adapter from zero: for "
