@@ -79,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser(
         "methods", help="List the registered methods.", description="List the registered methods and their flags."
     )
-    listing.add_argument("--json", action="store_true", help="Print a JSON list instead of a table.")
+    output = listing.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="Print a JSON list instead of a table.")
+    output.add_argument(
+        "--table",
+        action="store_true",
+        help="Print the capability table as Markdown (PEFT, TRL, Axolotl, DDP/FSDP/ZeRO-3, 4/8-bit, merge, vLLM: "
+        "yes / no = refused at config time / untested), as the README shows it.",
+    )
     listing.set_defaults(func=_run_methods, error_prog=f"{PROG} methods")
 
     for spec in methods().values():
@@ -124,6 +131,11 @@ def _flags(spec: MethodSpec) -> list[str]:
 
 def _run_methods(args: argparse.Namespace) -> int:
     specs = list(methods().values())
+    if args.table:
+        from .capabilities import markdown_table
+
+        print(markdown_table(specs), end="")
+        return 0
     if args.json:
         rows = [
             {

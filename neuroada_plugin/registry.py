@@ -108,6 +108,11 @@ class MethodSpec:
             example-script flags. Empty: every field the config declares beyond PEFT's own.
         cli_commands: Optional subcommands: import paths of callables
             ``register(subparsers) -> None`` added to ``neuroada-plugin``.
+        exports_lora: The method has a command that writes an exactly equal standard LoRA adapter (NEAT:
+            ``neuroada-plugin neat-to-lora``), for vLLM's multi-LoRA serving without merging.
+        untested: Capabilities (keys of :data:`neuroada_plugin.capabilities.CAPABILITIES`) that the flags
+            allow but no test of this repository exercises yet; the capability table prints them as
+            "untested" rather than "yes" (``tests/test_capability_table.py`` keeps both lists true).
         data_free_settings: Config overrides that make the method usable without the user's data, for
             generic callers that only have a model (the method contract, benchmark rows, examples' defaults):
             empty when the default config needs nothing more. NeFT's default reads a selection file made
@@ -129,6 +134,8 @@ class MethodSpec:
     exposed_fields: tuple[str, ...] = ()
     cli_commands: tuple[str, ...] = field(default_factory=tuple)
     data_free_settings: tuple[tuple[str, Any], ...] = ()
+    exports_lora: bool = False
+    untested: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name != self.name.lower():

@@ -28,6 +28,7 @@ register(
         exact_merge=True,
         supports_sharding=False,
         cli_commands=("neuroada_plugin.neat.cli:register",),
+        exports_lora=True,
     )
 )
 
