@@ -30,71 +30,63 @@ AXOLOTL_PYTHON = REPO / ".venv-axolotl" / "bin" / "python"
 SHIPPED = [spec for spec in methods().values() if spec.config.startswith("neuroada_plugin.")]
 
 _CONTRACT = "tests/contract/test_method_contract.py"
-# (method, capability) -> the test that exercises it. Only "yes" cells have one.
+_EVERY_METHOD = {
+    "peft": f"{_CONTRACT}::test_saved_adapter_loads_in_a_fresh_process_without_import",
+    "streaming_merge": f"{_CONTRACT}::test_streaming_merge_equals_in_memory_merge",
+    "exact_merge": f"{_CONTRACT}::test_forward_equals_merged_and_unmerge_restores",
+}
+_SMOA_NEFT = {
+    "trl_grpo": "tests/test_trl_grpo.py::test_grpo_trains_smoa_and_neft_with_kl_to_the_disabled_adapter",
+    "ddp": "tests/test_distributed_methods.py::test_trained_tensors_equal_one_process",
+    "fsdp": "tests/test_distributed_methods.py::test_trained_tensors_equal_one_process",
+}
+# method -> capability -> the test that exercises it. Only "yes" cells have one.
+_BY_METHOD: dict[str, dict[str, str]] = {
+    "neuroada": {
+        "trl_sft": "tests/test_trl_sft.py::test_sft_trains_only_theta_and_the_adapter_reloads",
+        "trl_dpo": "tests/test_trl_dpo.py::test_dpo_first_loss_is_ln2_and_theta_trains",
+        "trl_grpo": "tests/test_trl_grpo.py::test_grpo_with_kl_to_the_disabled_adapter",
+        "axolotl": "tests/test_axolotl.py::test_sft_adapter_loads_with_dense_reference_logits_and_lower_loss",
+        "ddp": "tests/test_distributed_ddp_fsdp.py::test_theta_after_adamw_steps_equals_one_process",
+        "fsdp": "tests/test_distributed_ddp_fsdp.py::test_theta_after_adamw_steps_equals_one_process",
+        "zero3": "tests/test_distributed_zero3.py::test_saved_adapter_is_complete_and_equals_the_single_process_run",
+        "bnb_4bit": "tests/test_quantized.py::test_quantized_layers_select_forward_and_train_theta_only",
+        "bnb_8bit": "tests/test_quantized.py::test_quantized_layers_select_forward_and_train_theta_only",
+        "fsdp_qlora": "tests/test_distributed_qlora.py::test_theta_on_a_4bit_base_equals_one_process",
+        "vllm": "tests/test_serving_vllm.py::test_vllm_openai_server_matches_unmerged_adapter",
+    },
+    "neat": {
+        "trl_sft": "tests/test_trl_neat.py::test_sft_trains_exactly_like_peanut_and_reloads",
+        "trl_dpo": "tests/test_trl_neat.py::test_dpo_first_loss_is_ln2_and_training_equals_peanut",
+        "trl_grpo": "tests/test_trl_grpo_neat.py::test_grpo_neat_with_kl_to_the_disabled_adapter_equals_peanut",
+        "axolotl": "tests/test_axolotl_neat.py::test_neat_adapter_logits_equal_dense_reference_and_peanut",
+        "ddp": "tests/test_distributed_neat.py::test_neat_tensors_after_adamw_steps_equal_one_process",
+        "fsdp": "tests/test_distributed_neat.py::test_neat_tensors_after_adamw_steps_equal_one_process",
+        "lora_export": "tests/test_neat_lora_export.py::test_cli_export_loads_as_lora_with_neat_logits",
+        "vllm": "tests/test_serving_vllm_neat.py::test_vllm_offline_engine_serves_merged_neat_like_unmerged_adapter",
+    },
+    "smoa": {
+        **_SMOA_NEFT,
+        "trl_sft": "tests/test_trl_smoa.py::"
+        "test_sft_with_one_block_trains_exactly_like_peft_hira_and_reloads_in_a_fresh_process",
+        "trl_dpo": "tests/test_trl_smoa.py::test_dpo_with_one_block_first_loss_is_ln2_and_training_equals_peft_hira",
+        "axolotl": "tests/test_axolotl_smoa.py::test_smoa_adapter_logits_equal_dense_reference_and_lower_loss",
+        "vllm": "tests/test_serving_vllm_smoa.py::test_vllm_offline_engine_serves_merged_smoa_like_unmerged_adapter",
+    },
+    "neft": {
+        **_SMOA_NEFT,
+        "trl_sft": "tests/test_trl_neft.py::"
+        "test_sft_with_a_neft_select_file_trains_exactly_like_masked_dense_finetuning",
+        "trl_dpo": "tests/test_trl_neft.py::"
+        "test_dpo_with_magnitude_selection_first_loss_is_ln2_and_training_equals_masked_dense",
+        "axolotl": "tests/test_axolotl_neft.py::test_neft_adapter_logits_equal_dense_reference_and_lower_loss",
+        "vllm": "tests/test_serving_vllm_neft.py::test_vllm_offline_engine_serves_merged_neft_like_unmerged_adapter",
+    },
+}
 EVIDENCE: dict[tuple[str, str], str] = {
-    **{
-        (m, "peft"): f"{_CONTRACT}::test_saved_adapter_loads_in_a_fresh_process_without_import"
-        for m in ("neuroada", "neat", "smoa", "neft")
-    },
-    **{
-        (m, "streaming_merge"): f"{_CONTRACT}::test_streaming_merge_equals_in_memory_merge"
-        for m in ("neuroada", "neat", "smoa", "neft")
-    },
-    **{
-        (m, "exact_merge"): f"{_CONTRACT}::test_forward_equals_merged_and_unmerge_restores"
-        for m in ("neuroada", "neat", "smoa", "neft")
-    },
-    ("neuroada", "trl_sft"): "tests/test_trl_sft.py::test_sft_trains_only_theta_and_the_adapter_reloads",
-    ("neuroada", "trl_dpo"): "tests/test_trl_dpo.py::test_dpo_first_loss_is_ln2_and_theta_trains",
-    ("neuroada", "trl_grpo"): "tests/test_trl_grpo.py::test_grpo_with_kl_to_the_disabled_adapter",
-    ("neuroada", "axolotl"): "tests/test_axolotl.py::test_sft_adapter_loads_with_dense_reference_logits_and_lower_loss",
-    ("neuroada", "ddp"): "tests/test_distributed_ddp_fsdp.py::test_theta_after_adamw_steps_equals_one_process",
-    ("neuroada", "fsdp"): "tests/test_distributed_ddp_fsdp.py::test_theta_after_adamw_steps_equals_one_process",
-    (
-        "neuroada",
-        "zero3",
-    ): "tests/test_distributed_zero3.py::test_saved_adapter_is_complete_and_equals_the_single_process_run",
-    ("neuroada", "bnb_4bit"): "tests/test_quantized.py::test_quantized_layers_select_forward_and_train_theta_only",
-    ("neuroada", "bnb_8bit"): "tests/test_quantized.py::test_quantized_layers_select_forward_and_train_theta_only",
-    ("neuroada", "fsdp_qlora"): "tests/test_distributed_qlora.py::test_theta_on_a_4bit_base_equals_one_process",
-    ("neuroada", "vllm"): "tests/test_serving_vllm.py::test_vllm_openai_server_matches_unmerged_adapter",
-    ("neat", "trl_sft"): "tests/test_trl_neat.py::test_sft_trains_exactly_like_peanut_and_reloads",
-    ("neat", "trl_dpo"): "tests/test_trl_neat.py::test_dpo_first_loss_is_ln2_and_training_equals_peanut",
-    ("neat", "trl_grpo"): "tests/test_trl_grpo_neat.py::test_grpo_neat_with_kl_to_the_disabled_adapter_equals_peanut",
-    ("neat", "axolotl"): "tests/test_axolotl_neat.py::test_neat_adapter_logits_equal_dense_reference_and_peanut",
-    ("neat", "ddp"): "tests/test_distributed_neat.py::test_neat_tensors_after_adamw_steps_equal_one_process",
-    ("neat", "fsdp"): "tests/test_distributed_neat.py::test_neat_tensors_after_adamw_steps_equal_one_process",
-    ("neat", "lora_export"): "tests/test_neat_lora_export.py::test_cli_export_loads_as_lora_with_neat_logits",
-    (
-        "neat",
-        "vllm",
-    ): "tests/test_serving_vllm_neat.py::test_vllm_offline_engine_serves_merged_neat_like_unmerged_adapter",
-    (
-        "smoa",
-        "trl_sft",
-    ): "tests/test_trl_smoa.py::test_sft_with_one_block_trains_exactly_like_peft_hira_and_reloads_in_a_fresh_process",
-    (
-        "smoa",
-        "trl_dpo",
-    ): "tests/test_trl_smoa.py::test_dpo_with_one_block_first_loss_is_ln2_and_training_equals_peft_hira",
-    ("smoa", "axolotl"): "tests/test_axolotl_smoa.py::test_smoa_adapter_logits_equal_dense_reference_and_lower_loss",
-    (
-        "smoa",
-        "vllm",
-    ): "tests/test_serving_vllm_smoa.py::test_vllm_offline_engine_serves_merged_smoa_like_unmerged_adapter",
-    (
-        "neft",
-        "trl_sft",
-    ): "tests/test_trl_neft.py::test_sft_with_a_neft_select_file_trains_exactly_like_masked_dense_finetuning",
-    (
-        "neft",
-        "trl_dpo",
-    ): "tests/test_trl_neft.py::test_dpo_with_magnitude_selection_first_loss_is_ln2_and_training_equals_masked_dense",
-    ("neft", "axolotl"): "tests/test_axolotl_neft.py::test_neft_adapter_logits_equal_dense_reference_and_lower_loss",
-    (
-        "neft",
-        "vllm",
-    ): "tests/test_serving_vllm_neft.py::test_vllm_offline_engine_serves_merged_neft_like_unmerged_adapter",
+    (method, capability): test
+    for method, tests in _BY_METHOD.items()
+    for capability, test in {**_EVERY_METHOD, **tests}.items()
 }
 
 ZERO3_JSON = str(REPO / "axolotl_configs" / "deepspeed" / "zero3.json")

@@ -79,6 +79,41 @@ def test_grpo_with_kl_to_the_disabled_adapter(tiny_llama_dir, tmp_path):
         assert not torch.allclose(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("method", ["smoa", "neft"])
+def test_grpo_trains_smoa_and_neft_with_kl_to_the_disabled_adapter(tiny_llama_dir, tmp_path, method):
+    """The same run with SMoA and NeFT (their data-free configs): zero-initialised, so the first KL is exactly 0;
+    every trainable tensor moves, the base does not, and the disabled adapter is the base model bit for bit."""
+    from neuroada_plugin.registry import get_method
+
+    questions = cs.make_splits(cs.load_source("obqa")).train[:4]
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+        reward_funcs=[cs.option_reward, _distinct_characters],
+        args=_config(tmp_path / "out"),
+        train_dataset=Dataset.from_list(cs.grpo_rows(questions)),
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir),
+        peft_config=get_method(method).data_free_config(),
+    )
+    model = trainer.model
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert initial and all(f".{method}_" in n for n in initial)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert len(logs) == 3 and logs[0]["kl"] == 0.0 and logs[-1]["kl"] > 0.0
+    moved = [n for n, p in model.named_parameters() if n in initial and not torch.equal(p, initial[n])]
+    assert moved, f"no {method} tensor trained"
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+
+    ids = torch.tensor([[1, 523, 9861, 30, 2, 17, 42, 4096]])
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+        assert not torch.allclose(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
 def test_grpo_example_script_end_to_end(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "examples" / "trl"))
     sys.modules.pop("grpo", None)

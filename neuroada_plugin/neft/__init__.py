@@ -28,7 +28,6 @@ register(
         reads_weights_in_forward=False,
         exact_merge=True,
         supports_sharding=False,
-        untested=("trl_grpo", "ddp", "fsdp"),  # accepted; no GRPO or multi-process test runs NeFT yet
         data_free_settings=(("selection", "magnitude"), ("neuron_share", 0.004)),
         # neurons_per_module is filled in when the adapter is created, never set by hand: not a YAML key or flag.
         exposed_fields=(

@@ -28,7 +28,6 @@ register(
         reads_weights_in_forward=True,
         exact_merge=True,
         supports_sharding=False,
-        untested=("trl_grpo", "ddp", "fsdp"),  # accepted; no GRPO or multi-process test runs SMoA yet
     )
 )
 

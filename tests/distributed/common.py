@@ -234,3 +234,28 @@ def write_rank_results(out: Path, rank: int, result: dict) -> None:
     if rank == 0:
         other = json.loads((out / "result_rank1.json").read_text())
         (out / "result.json").write_text(json.dumps({"rank0": result, "rank1": other}))
+
+
+def method_config(name: str):
+    """The registered method ``name``'s data-free config on the workers' target modules (SMoA, NeFT, ...)."""
+    from neuroada_plugin.registry import get_method
+
+    return get_method(name).data_free_config(target_modules=TARGETS)
+
+
+def adapter_tensors_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor (the adapter's), keyed like :func:`theta_of`."""
+    return {_key(n): p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adapter_buffers_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's persistent buffers (SMoA's orderings, NeFT's neurons, fingerprints), keyed like :func:`theta_of`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for name, buffer in module.named_buffers():
+                if not name.startswith("base_layer."):
+                    out[_key(f"{module_name}.{name}")] = buffer.detach().cpu().clone()
+    return out
