@@ -62,6 +62,7 @@ _BY_METHOD: dict[str, dict[str, str]] = {
         "axolotl": "tests/test_axolotl_neat.py::test_neat_adapter_logits_equal_dense_reference_and_peanut",
         "ddp": "tests/test_distributed_neat.py::test_neat_tensors_after_adamw_steps_equal_one_process",
         "fsdp": "tests/test_distributed_neat.py::test_neat_tensors_after_adamw_steps_equal_one_process",
+        "zero3": "tests/test_distributed_neat_zero3.py::test_saved_adapter_is_complete_and_equals_one_process",
         "lora_export": "tests/test_neat_lora_export.py::test_cli_export_loads_as_lora_with_neat_logits",
         "vllm": "tests/test_serving_vllm_neat.py::test_vllm_offline_engine_serves_merged_neat_like_unmerged_adapter",
     },

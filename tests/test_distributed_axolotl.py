@@ -30,7 +30,7 @@ unsharded = dataclasses.replace(spec, supports_sharding=False)  # a method that 
 results = {}
 for name, (which, data) in cases.items():
     try:
-        chosen = {"spec": spec, "unsharded": unsharded, "neat": get_method("neat")}[which]
+        chosen = {"spec": spec, "unsharded": unsharded, "neat": get_method("neat"), "smoa": get_method("smoa")}[which]
         check_raw_config(chosen, data)
         results[name] = "ok"
     except ValueError as error:
@@ -67,8 +67,10 @@ CASES = {
         {"adapter": "neuroada", "fsdp_config": {"cpu_ram_efficient_loading": True}},
     ),
     "unsharded_zero2": ("unsharded", {"adapter": "neuroada", "deepspeed": ZERO2}),
-    # NEAT reads the whole frozen weight in every forward (reads_weights_in_forward): ZeRO-3 refused.
+    # NEAT reads the whole frozen weight in every forward, gathering it under ZeRO-3 (supports_sharding): accepted.
     "neat_zero3": ("neat", {"adapter": "neat", "deepspeed": ZERO3}),
+    # SMoA reads it in every forward without gathering (reads_weights_in_forward, no supports_sharding): refused.
+    "smoa_zero3": ("smoa", {"adapter": "smoa", "deepspeed": ZERO3}),
     "neat_zero2": ("neat", {"adapter": "neat", "deepspeed": ZERO2}),
     "neat_fsdp_ram_efficient": (
         "neat",
@@ -139,6 +141,7 @@ def test_multi_gpu_configurations(tmp_path, tiny_llama_dir):
         "fsdp_ram_efficient",
         "unsharded_zero2",
         "neat_zero2",
+        "neat_zero3",
         "neat_fsdp_ram_efficient",
         "fsdp2_4bit",
         "zero3_4bit",
@@ -157,7 +160,7 @@ def test_multi_gpu_configurations(tmp_path, tiny_llama_dir):
     assert "empty" in results["zero3_inline_no_gather"]
     assert "cannot gather them" in results["unsharded_zero3"]
     assert "cpu_ram_efficient_loading: true" in results["unsharded_ram_efficient"]
-    assert "reads the full frozen weight in every forward pass" in results["neat_zero3"]
+    assert "reads the full weights when the adapter is created" in results["smoa_zero3"], results["smoa_zero3"]
 
 
 def test_example_configs_name_existing_files():

@@ -32,11 +32,22 @@ def test_a_method_that_reads_its_weight_at_creation_refuses_meta_weights_unless_
 def test_a_sharded_weight_is_refused_by_methods_that_read_it_without_sharding_support():
     shard = nn.Linear(8, 4)
     shard.weight.data = torch.empty(0)
+    shard.weight.ds_id, shard.weight.ds_shape = 0, (4, 8)  # what a DeepSpeed ZeRO-3 partition carries
     for flags in ({"reads_weights_in_forward": True}, {"reads_weights_when_created": True}):
         with pytest.raises(UnsupportedTargetError, match=r"Probe cannot adapt layer: its weight is a \(0,\) shard"):
             check_target(_spec(**flags, supports_sharding=False), shard, "layer")
-    check_target(_spec(reads_weights_when_created=True, supports_sharding=True), shard, "layer")
+        check_target(_spec(**flags, supports_sharding=True), shard, "layer")  # gathered for each read
     check_target(_spec(reads_weights_when_created=False, reads_weights_in_forward=False), shard, "layer")
+
+
+def test_a_flat_weight_that_is_not_a_zero3_partition_cannot_be_read_by_any_method():
+    flat = nn.Linear(8, 4)
+    flat.weight.data = torch.empty(0)  # no ds_id / ds_shape: nothing can gather it
+    for flags in ({"reads_weights_in_forward": True}, {"reads_weights_when_created": True}):
+        for supports_sharding in (False, True):
+            with pytest.raises(UnsupportedTargetError, match=r"its weight is a \(0,\) shard"):
+                check_target(_spec(**flags, supports_sharding=supports_sharding), flat, "layer")
+    check_target(_spec(reads_weights_when_created=False, reads_weights_in_forward=False), flat, "layer")
 
 
 class _Quantized(nn.Linear):

@@ -4,6 +4,8 @@
 * :mod:`.quantized`: bitsandbytes 4-bit/8-bit layers and their weight as a float tensor;
   :mod:`.bnb_cpu_layout`: bitsandbytes' CPU-packed 4-bit layout, read and undone exactly.
 * :mod:`.fingerprint`: the base-weight fingerprint every adapter records (wrong-base detection).
+* :mod:`.weight_product`: ``a @ W0`` for weight-function methods, reading W0 through the layer in forward
+  and again in backward (gathered under ZeRO-3), never keeping it in between.
 
 Importing this package imports nothing; each module imports torch (and only torch) when used.
 """

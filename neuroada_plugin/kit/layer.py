@@ -30,7 +30,7 @@ from ..registry import get_method
 from .adapter_dtype import restore_layer_dtypes
 from .fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
 from .quantized import bnb_layer_kind, dequantize_weight
-from .sharded import full_shape, gathered
+from .sharded import full_shape, gathered, is_partitioned
 
 __all__ = ["MethodLayer", "WeightFunctionLayer", "layer_shape"]
 
@@ -233,25 +233,60 @@ class WeightFunctionLayer(MethodLayer):
         """The weight before any merge (the base weight itself when nothing is merged)."""
         return self._original_weight if self._original_weight is not None else self.get_base_layer().weight
 
+    @contextmanager
+    def read_pre_merge_weight(self) -> Iterator[torch.Tensor]:
+        """The weight before any merge, readable for the block: the kept copy once merged, else
+        :meth:`read_weight` (gathered under ZeRO-3, dequantized for bitsandbytes)."""
+        if self._original_weight is not None:
+            yield self._original_weight
+        else:
+            with self.read_weight() as weight:
+                yield weight
+
+    def _adapter_params(self, adapter_names: list[str]) -> list[torch.Tensor]:
+        containers = [getattr(self, name) for name in self.adapter_layer_names]
+        return [c[n] for c in containers for n in adapter_names if n in c]
+
     def check_merge_values(self, adapter_names: list[str]) -> None:
-        current = self.get_base_layer().weight.data
-        original = self.pre_merge_weight().detach()
-        for name in adapter_names:
-            with torch.no_grad():
-                current = self.merged_weight(current, original, name)
+        weight = self.get_base_layer().weight
+        with (
+            gathered(self._adapter_params(adapter_names)),
+            self.read_pre_merge_weight() as original,
+            gathered([weight]),
+            torch.no_grad(),
+        ):
+            current = weight.data
+            for name in adapter_names:
+                current = self.merged_weight(current, original.detach(), name)
 
     def merge_into_weight(self, adapter_names: list[str]) -> None:
+        """Write the adapters into the weight. Under ZeRO-3 the layer's weight (and the adapter's tensors)
+        are gathered for the write and rank 0's result written back into every rank's partition; the
+        pre-merge copy is then the full weight (kept until :meth:`unmerge_from_weight`)."""
         weight = self.get_base_layer().weight
-        original = self._original_weight if self._original_weight is not None else weight.data.clone()
-        merged = weight.data
-        for name in adapter_names:  # every update is computed (and checked) before the weight changes
-            with torch.no_grad():
-                merged = self.merged_weight(merged, original, name)
-        self._original_weight = original
-        weight.data = merged
+        with gathered(self._adapter_params(adapter_names)), gathered([weight], modifier_rank=0):
+            original = self._original_weight if self._original_weight is not None else weight.data.clone()
+            merged = weight.data
+            for name in adapter_names:  # every update is computed (and checked) before the weight changes
+                with torch.no_grad():
+                    merged = self.merged_weight(merged, original, name)
+            self._original_weight = original
+            _write_weight(weight, merged)
         self.merged_adapters.extend(adapter_names)
 
     def unmerge_from_weight(self) -> None:
-        self.get_base_layer().weight.data = self._original_weight
+        weight = self.get_base_layer().weight
+        with gathered([weight], modifier_rank=0):
+            _write_weight(weight, self._original_weight)
         self._original_weight = None
         self.merged_adapters.clear()
+
+
+def _write_weight(weight: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace ``weight``'s values: in place for a gathered ZeRO-3 parameter (its partition is rewritten from
+    it when the gather ends), by rebinding ``.data`` otherwise (as before: no copy)."""
+    if is_partitioned(weight):
+        with torch.no_grad():
+            weight.data.copy_(values)
+    else:
+        weight.data = values

@@ -92,12 +92,19 @@ def check_target(spec: MethodSpec, target: nn.Module, module_name: str, *, loadi
             "created. Load the weights on every process, or create the adapter before sharding."
         )
     reads_weights = spec.reads_weights_in_forward or spec.reads_weights_when_created
-    sharded = is_partitioned(base.weight) or base.weight.dim() != 2
-    if sharded and reads_weights and not spec.supports_sharding:
+    # A ZeRO-3 partition can be gathered (supports_sharding); a weight that is not 2-D otherwise cannot.
+    partitioned = is_partitioned(base.weight)
+    sharded = (partitioned and not spec.supports_sharding) or (not partitioned and base.weight.dim() != 2)
+    if sharded and reads_weights:
         where = " in every forward" if spec.reads_weights_in_forward else ""
+        advice = (
+            "It is not a DeepSpeed ZeRO-3 partition, which could be gathered: load the weights whole"
+            if spec.supports_sharding
+            else "Use ZeRO-1/2, DDP or FSDP"
+        )
         raise UnsupportedTargetError(
             f"{title} cannot adapt {module_name}: its weight is a {tuple(base.weight.shape)} shard (DeepSpeed "
-            f"ZeRO-3?), and {title} reads the whole frozen weight{where}. Use ZeRO-1/2, DDP or FSDP."
+            f"ZeRO-3?), and {title} reads the whole frozen weight{where}. {advice}."
         )
 
 

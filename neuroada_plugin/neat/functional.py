@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kit.merge_checks import checked_finite
+from ..kit.weight_product import WeightReader, frozen_weight_product
 
 __all__ = ["ACTIVATIONS", "activation", "delta_weight", "merged_weight", "neat_delta", "weight_features"]
 
@@ -66,34 +67,20 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"Unsupported NEAT activation {name!r}; supported: {sorted(ACTIVATIONS)}.") from None
 
 
-class _ProjectWeight(torch.autograd.Function):
-    """``A @ W0`` in ``A``'s dtype, keeping only a reference to ``W0`` (never a cast copy) for backward."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight)
-        return a @ weight.to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype).T, None
-
-
 def weight_features(
-    weight: torch.Tensor,
+    weight: torch.Tensor | WeightReader,
     a: torch.Tensor,
     encoders: torch.Tensor | None,
     decoders: torch.Tensor | None,
     act: str,
 ) -> torch.Tensor:
-    """``P`` (``[r, in]``, in ``a``'s dtype): the weight-aware network applied to every input column of ``W0``."""
+    """``P`` (``[r, in]``, in ``a``'s dtype): the weight-aware network applied to every input column of ``W0``.
+
+    ``weight``: ``W0`` itself, or a reader of it (the layer's ``read_weight``: gathered under ZeRO-3,
+    dequantized on a quantized base), read in forward and again in backward, never kept in between.
+    """
     fn = activation(act)
-    if torch.is_grad_enabled() and a.requires_grad:
-        projected = _ProjectWeight.apply(a, weight.detach())
-    else:
-        projected = a @ weight.detach().to(a.dtype)
-    features = fn(projected)
+    features = fn(frozen_weight_product(a, weight))
     depth = 0 if encoders is None else encoders.shape[0]
     residuals = []
     for layer in range(depth):

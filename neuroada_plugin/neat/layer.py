@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..kit.layer import WeightFunctionLayer
+from ..kit.sharded import gathered, is_partitioned
 from .config import NeatConfig
 from .functional import delta_weight, merged_weight, neat_delta, weight_features
 
@@ -68,7 +69,9 @@ class NeatLayer(WeightFunctionLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense update of ``adapter_name`` from the pre-merge weight (float32; for inspection and merging)."""
         a, b, enc, dec = self._tensors(adapter_name)
-        return delta_weight(self.pre_merge_weight(), a, b, enc, dec, self.neat_act_fn[adapter_name], self.neat_scaling[adapter_name])
+        act, scaling = self.neat_act_fn[adapter_name], self.neat_scaling[adapter_name]
+        with gathered([a, b, enc, dec]), self.read_pre_merge_weight() as original:
+            return delta_weight(original, a, b, enc, dec, act, scaling)
 
     def merged_weight(self, current: torch.Tensor, original: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b, enc, dec = self._tensors(adapter_name)
@@ -78,17 +81,18 @@ class NeatLayer(WeightFunctionLayer):
 
     def check_weight_for_forward(self) -> None:
         weight = self.get_base_layer().weight
-        if weight.shape != (self.out_features, self.in_features):
+        # A DeepSpeed ZeRO-3 partition is gathered by read_weight for each read; any other shard cannot be.
+        if weight.shape != (self.out_features, self.in_features) and not is_partitioned(weight):
             raise RuntimeError(
                 f"NEAT layer ({self.out_features}x{self.in_features}) sees its frozen weight as a "
-                f"{tuple(weight.shape)} shard in the forward pass (DeepSpeed ZeRO-3 gathers it only inside the base "
-                "layer's own forward); NEAT reads the whole weight every step. Use ZeRO-1/2, DDP or FSDP."
+                f"{tuple(weight.shape)} shard in the forward pass, which it cannot gather (not a DeepSpeed ZeRO-3 "
+                "partition); NEAT reads the whole weight every step. Use DeepSpeed ZeRO, DDP or FSDP."
             )
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        weight = self.get_base_layer().weight
         a, b, enc, dec = self._tensors(adapter_name)
-        features = weight_features(weight, a, enc, dec, self.neat_act_fn[adapter_name])  # [r, in], once per forward
+        # [r, in], once per forward; W0 read through the kit (gathered under ZeRO-3) in forward and backward.
+        features = weight_features(self.read_weight, a, enc, dec, self.neat_act_fn[adapter_name])
         return neat_delta(x, features, b, self.neat_scaling[adapter_name])
 
     def __repr__(self) -> str:
