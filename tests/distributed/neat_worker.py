@@ -4,9 +4,9 @@ Launched by tests/test_distributed_neat.py with ``torch.distributed.run``. Each 
 steps on this rank's half of the global batch; both ranks write their full NEAT tensors and their
 full base weights after training, for the test to compare with one process on the whole batch.
 
-NEAT's forward reads the whole frozen ``W0`` of every adapted layer (``act(A @ W0)``) and keeps it for
-backward (A's gradient is ``grad @ W0.T``); under FSDP the weight is whole only inside its unit's
-forward and backward, which is what the FSDP modes exercise.
+NEAT's forward reads the whole frozen ``W0`` of every adapted layer (``act(A @ W0)``) and its backward reads
+it again (A's gradient is ``grad @ W0.T``), keeping nothing in between; under FSDP the weight is whole only
+inside its unit's forward and backward, which is what the FSDP modes exercise.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def saved_weight_bytes(model: torch.nn.Module, info: dict):
-    """Record, for every tensor autograd saves that is an adapted layer's W0 (NEAT's ``A @ W0`` and the base
-    layer's matmul both save it), its storage size in bytes right after the forward pass and when backward
+    """Record, for every tensor autograd saves that is an adapted layer's W0 (the base layer's matmul saves it;
+    NEAT's ``A @ W0`` must not), its storage size in bytes right after the forward pass and when backward
     reads it: under FSDP2 the first is 0 (resharded after the unit's forward) and the second is the whole
     weight again (gathered for the unit's backward)."""
     layers = [m.base_layer for m in model.modules() if hasattr(m, "neat_A")]
