@@ -237,7 +237,8 @@ def test_merge_rule_modules_import_only_torch():
 
 
 def test_a_sharded_weight_is_refused_with_the_reason():
-    """A DeepSpeed ZeRO-3 partition (flat, here empty) cannot feed act(A @ W0): say so instead of a shape error."""
+    """A flat weight that is not a DeepSpeed ZeRO-3 partition (nothing can gather it) cannot feed act(A @ W0): say
+    so instead of a shape error. A real ZeRO-3 partition is gathered: tests/test_distributed_neat_zero3.py."""
     from neuroada_plugin.errors import UnsupportedTargetError
 
     model = Tiny()
