@@ -41,11 +41,6 @@ def _quantized(kind: str) -> Callable[[MethodSpec], bool]:
     return supported
 
 
-def _fsdp_qlora(spec: MethodSpec) -> bool:
-    # FSDP2 over a 4-bit base with bf16 quant storage: accepted wherever 4-bit is (FSDP1 is refused for all).
-    return _quantized("bnb_4bit")(spec)
-
-
 def _streaming_merge(spec: MethodSpec) -> bool:
     return spec.checkpoint_rule is not None
 
@@ -76,7 +71,8 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("zero3", "ZeRO-3", _zero3, "DeepSpeed ZeRO-3 (weights partitioned when the adapter is created)"),
     Capability("bnb_4bit", "4-bit", _quantized("bnb_4bit"), "bitsandbytes load_in_4bit base"),
     Capability("bnb_8bit", "8-bit", _quantized("bnb_8bit"), "bitsandbytes load_in_8bit base"),
-    Capability("fsdp_qlora", "FSDP-QLoRA", _fsdp_qlora, "FSDP2 over a 4-bit base (bnb_4bit_quant_storage)"),
+    # FSDP2 over a 4-bit base: accepted wherever 4-bit is (FSDP1 with a quantized base is refused for every method).
+    Capability("fsdp_qlora", "FSDP-QLoRA", _quantized("bnb_4bit"), "FSDP2 over a 4-bit base (bnb_4bit_quant_storage)"),
     Capability("streaming_merge", "streaming merge", _streaming_merge, "`neuroada-plugin merge`, one tensor at a time"),
     Capability("exact_merge", "exact merge", lambda spec: spec.exact_merge, "merge/unmerge bit for bit"),
     Capability("lora_export", "LoRA export", lambda spec: spec.exports_lora, "an exactly equal standard LoRA adapter"),
