@@ -85,6 +85,15 @@ class MethodConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
+    base_quantization: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "Recorded by the plugin, not set by hand: for a method whose update is a function of the frozen "
+            "weight, the bitsandbytes settings of the layers it was created on (groups of {'settings', 'modules'}), "
+            "so that a merge into the full-precision original can reproduce the weight the adapter learned against.",
+            "recorded": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -185,7 +185,8 @@ class MethodSpec:
         from peft import PeftConfig
 
         config_cls = self.config_class()
-        declared = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+        # Fields the plugin records (metadata "recorded") are no user options.
+        declared = {f.name: f for f in dataclasses.fields(config_cls) if f.init and not f.metadata.get("recorded")}
         if self.exposed_fields:
             unknown = [name for name in self.exposed_fields if name not in declared]
             if unknown:

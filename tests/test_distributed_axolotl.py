@@ -81,6 +81,11 @@ CASES = {
     "fsdp2_4bit": ("spec", {"adapter": "neuroada", "load_in_4bit": True, "fsdp_version": 2, "fsdp_config": {}}),
     "zero3_4bit": ("spec", {"adapter": "neuroada", "load_in_4bit": True, "deepspeed": ZERO3}),
     "zero3_8bit": ("spec", {"adapter": "neuroada", "load_in_8bit": True, "deepspeed": ZERO3}),
+    # NEAT on a 4-bit base reads the dequantized weight (gathered under ZeRO-3): FSDP-QLoRA and ZeRO-3 + 4-bit.
+    "neat_fsdp2_4bit": ("neat", {"adapter": "neat", "load_in_4bit": True, "fsdp_version": 2, "fsdp_config": {}}),
+    "neat_zero3_4bit": ("neat", {"adapter": "neat", "load_in_4bit": True, "deepspeed": ZERO3}),
+    # SMoA reads the exact weight: a quantized base is refused.
+    "smoa_4bit": ("smoa", {"adapter": "smoa", "load_in_4bit": True}),
     "fsdp2_8bit": ("spec", {"adapter": "neuroada", "load_in_8bit": True, "fsdp_version": 2, "fsdp_config": {}}),
     "fsdp1_4bit": (
         "spec",
@@ -146,8 +151,11 @@ def test_multi_gpu_configurations(tmp_path, tiny_llama_dir):
         "fsdp2_4bit",
         "zero3_4bit",
         "zero3_8bit",
+        "neat_fsdp2_4bit",
+        "neat_zero3_4bit",
     ):
         assert results[name] == "ok", (name, results[name])
+    assert "load_in_4bit" in results["smoa_4bit"] and results["smoa_4bit"].startswith("refused"), results["smoa_4bit"]
     for name in ("fsdp1_4bit", "fsdp1_list_8bit"):
         assert results[name].startswith("refused: FSDP1 (`fsdp_version: 1`) with a quantized base"), results[name]
         assert "Set `fsdp_version: 2`" in results[name], results[name]

@@ -1,4 +1,5 @@
-"""NeuroAda on a 4-bit base under FSDP1, FSDP2 and DeepSpeed ZeRO-3 (and 8-bit under ZeRO-3), 2 CPU processes.
+"""NeuroAda on a 4-bit base under FSDP1, FSDP2 and DeepSpeed ZeRO-3 (and 8-bit under ZeRO-3), NEAT on a 4-bit
+base under FSDP2 and ZeRO-3; 2 CPU processes.
 
 The worker (tests/distributed/qlora_sharded_worker.py) loads the base in bitsandbytes NF4 with the
 ``bnb_4bit_quant_storage`` each setup uses (Axolotl's FSDP-QLoRA and ZeRO-3 QLoRA: bfloat16; FSDP1:
@@ -8,6 +9,8 @@ dequantized weight do not depend on it, which the equal references also show).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -20,6 +23,8 @@ from tests.distributed.common import (
     indices_of,
     launch,
     make_data,
+    neat_config,
+    neat_of,
     nf4_config,
     peft_config,
     reference_model,
@@ -30,6 +35,7 @@ from tests.distributed.common import (
 
 # Mode -> bnb_4bit_quant_storage of its NF4 base ("8bit": LLM.int8), as in the worker.
 MODES = {"fsdp1": torch.float32, "fsdp2": torch.bfloat16, "zero3": torch.bfloat16, "zero3_8bit": "8bit"}
+NEAT_MODES = ["neat_fsdp2", "neat_zero3"]  # both on the bf16-storage NF4 base
 
 
 def _quantization(storage):
@@ -48,6 +54,8 @@ def runs(tmp_path_factory):
     for storage in sorted(set(MODES.values()), key=str):
         model, losses = reference_model(base, data, peft_config(), quantization_config=_quantization(storage))
         references[storage] = {"theta": theta_of(model), "indices": indices_of(model), "losses": losses, "model": model}
+    model, losses = reference_model(base, data, neat_config(), quantization_config=nf4_config(torch.bfloat16))
+    references["neat"] = {"tensors": neat_of(model), "losses": losses}
     return {"out": out, "result": result, "references": references}
 
 
@@ -109,3 +117,33 @@ def test_zero3_saves_the_trained_adapter_on_rank0(runs, mode):
         assert value.dtype == torch.float32 and torch.equal(value, theta[key.removeprefix("base_model.model.")]), key
     for key, value in saved_indices.items():
         assert torch.equal(value, indices[key.removeprefix("base_model.model.")]), key
+
+
+@pytest.mark.parametrize("mode", NEAT_MODES)
+def test_neat_on_a_4bit_base_trains_like_one_process(runs, mode):
+    """NEAT reads the dequantized W0 in forward and backward: under FSDP2 inside the unsharded unit, under
+    ZeRO-3 with the packed bytes gathered for each read. A, B, E and D equal one process on the same base."""
+    info = runs["result"]["rank0"][mode]
+    reference = runs["references"]["neat"]
+    tensors = torch.load(runs["out"] / f"{mode}_theta.pt")
+    assert {k.split(".")[-2] for k in tensors} == {"neat_A", "neat_B", "neat_E", "neat_D"}
+    assert_theta_close(tensors, reference["tensors"])
+    other = runs["result"]["rank1"][mode]["losses"]
+    assert [(a + b) / 2 for a, b in zip(info["losses"], other, strict=True)] == pytest.approx(
+        reference["losses"], rel=1e-5
+    )
+    assert info["weight_class"] == "Params4bit"
+    assert info["weight_is_dtensor"] if mode == "neat_fsdp2" else info["weight_partitioned"]
+
+
+def test_neat_zero3_saves_the_trained_adapter_and_its_base_quantization(runs):
+    folder = runs["out"] / "neat_zero3_adapter"
+    saved = load_file(folder / "adapter_model.safetensors")
+    tensors = torch.load(runs["out"] / "neat_zero3_theta.pt")
+    saved = {k.removeprefix("base_model.model.") + ".default": v for k, v in saved.items() if "fingerprint" not in k}
+    assert saved.keys() == tensors.keys()
+    for key, value in saved.items():
+        assert value.dtype == torch.float32 and torch.equal(value, tensors[key]), key
+    (group,) = json.loads((folder / "adapter_config.json").read_text())["base_quantization"]
+    assert group["settings"]["kind"] == "bnb_4bit" and group["settings"]["compress_statistics"] is True
+    assert len(group["modules"]) == 12

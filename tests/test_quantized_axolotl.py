@@ -204,3 +204,50 @@ def train_questions_rl(qworkdir) -> dict[str, Path]:
     """Preference data files of the RL configs (the same rows as tests/test_axolotl.py's; KTO's made from them)."""
     files = write_data_files(qworkdir / "rl-data", commonsense.make_splits(commonsense.load_source("obqa")).train[:8])
     return {**files, **rl_data.write_rl_files(files["dpo"], files["dpo"].parent, "train")}
+
+
+def test_neat_on_a_4bit_base_trains_and_merge_lora_equals_the_streaming_merge(
+    qworkdir, tiny_llama_dir, messages_file
+):
+    """``adapter: neat`` with ``load_in_4bit``: NEAT's update is a function of the dequantized weight, so the saved
+    adapter records Axolotl's QLoRA quantization, and both ``axolotl merge-lora`` (PEFT on the unquantized base)
+    and ``neuroada-plugin merge`` compute it from the original quantized again: the same checkpoint, bit for bit."""
+    import subprocess
+
+    from test_axolotl_neat import NEAT_KEYS
+
+    config = _write_config(
+        "tiny_sft", qworkdir, tiny_llama_dir, messages_file, max_steps=3, load_in_4bit=True,
+        output_dir=str(qworkdir / "out-neat-4bit"), dataset_prepared_path=str(qworkdir / "prepared"),
+        **{**NEAT_KEYS, "learning_rate": 0.05},
+    )  # fmt: skip
+    process = _run([str(AXOLOTL_BIN), "train", str(config), "--launcher", "python"], cwd=qworkdir)
+    assert process.returncode == 0, f"axolotl train (neat, 4-bit) failed:\n{_tail(process)}"
+    assert "quantized base for adapter: neat: 14 bnb_4bit layers" in process.stdout, process.stdout[-3000:]
+    losses = _logged_losses(process.stdout)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    (group,) = json.loads((output_dir / "adapter_config.json").read_text())["base_quantization"]
+    assert len(group["modules"]) == 14
+    settings = {k: v for k, v in group["settings"].items() if k != "dtype"}
+    assert settings == {"kind": "bnb_4bit", "quant_type": "nf4", "blocksize": 64, "compress_statistics": True}
+
+    process = _run([str(AXOLOTL_BIN), "merge-lora", str(config)], cwd=qworkdir)
+    assert process.returncode == 0, f"axolotl merge-lora failed:\n{_tail(process)}"
+    streamed = qworkdir / "neat-4bit-streamed"
+    done = subprocess.run(
+        [sys.executable, "-m", "neuroada_plugin", "merge", "--no-progress", "--base", str(tiny_llama_dir),
+         "--adapter", str(output_dir), "--output", str(streamed)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    merged = load_file(output_dir / "merged" / "model.safetensors")
+    expected = load_file(streamed / "model.safetensors")
+    assert set(merged) == set(expected) == set(base)
+    changed = 0
+    for key, tensor in merged.items():
+        assert torch.equal(tensor, expected[key]), key
+        changed += not torch.equal(tensor, base[key])
+    assert changed == 14
+    assert json.loads((streamed / "merge_info.json").read_text())["update_computed_from"] == "re-quantized base"

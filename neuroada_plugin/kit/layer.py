@@ -17,6 +17,7 @@ dequantized for bitsandbytes), and the base fingerprint (recorded at creation, c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -30,6 +31,13 @@ from ..registry import get_method
 from .adapter_dtype import restore_layer_dtypes
 from .fingerprint import check_loaded_fingerprints, not_recorded, readable_here, weight_fingerprint
 from .quantized import bnb_layer_kind, dequantize_weight
+from .quantized_write import (
+    dequantize_snapshot,
+    quantized_snapshot,
+    reproduce_quantized,
+    restore_quantized,
+    set_quantized,
+)
 from .sharded import full_shape, gathered, is_partitioned
 
 __all__ = ["MethodLayer", "WeightFunctionLayer", "layer_shape"]
@@ -74,6 +82,18 @@ class MethodLayer(nn.Module, BaseTunerLayer):
 
     def layer_name(self, module_name: str = "") -> str:
         return module_name or getattr(self, "_module_name", "") or type(self.get_base_layer()).__name__
+
+    def adapter_init_dtype(self) -> torch.dtype:
+        """The dtype new adapter tensors are created in: the base weight's, float32 on a quantized base.
+
+        A bitsandbytes weight is stored as uint8/int8, or as bf16 *storage* of packed 4-bit codes
+        (FSDP-QLoRA's ``bnb_4bit_quant_storage``): never the dtype to train in.
+        """
+        base = self.get_base_layer()
+        weight = base.weight
+        if bnb_layer_kind(base) is not None or not weight.is_floating_point():
+            return torch.float32
+        return weight.dtype
 
     # ---------------------------------------------------------------------------- what a method writes
 
@@ -148,11 +168,12 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         """The base weight as a full floating-point ``[out, in]`` tensor, to read from for the block.
 
         Gathered read-only when ZeRO-3 partitioned it (a collective: every rank must read),
-        dequantized one layer at a time for a bitsandbytes layer.
+        dequantized one layer at a time for a bitsandbytes layer (gathered first under ZeRO-3).
         """
         base = self.get_base_layer()
         if bnb_layer_kind(base) is not None:
-            weight = dequantize_weight(base)
+            with gathered([base.weight]):  # ZeRO-3 + 4-bit/8-bit: the packed bytes are partitioned too
+                weight = dequantize_weight(base)
             try:
                 yield weight
             finally:
@@ -223,6 +244,10 @@ class WeightFunctionLayer(MethodLayer):
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
         self._original_weight: torch.Tensor | None = None
+        self._quantized_backup: Any = None  # a bitsandbytes base: the quantized weight from before the first merge
+        # Adapter -> the bitsandbytes settings it was trained against, for an adapter trained on a quantized base
+        # and used on an unquantized one (set by the tuner from the config's ``base_quantization``).
+        self.reproduced_quantization: dict[str, dict[str, Any]] = {}
 
     def merged_weight(self, current: torch.Tensor, original: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``current`` plus ``adapter_name``'s update computed from ``original``; raises :class:`MergeError` on
@@ -233,48 +258,101 @@ class WeightFunctionLayer(MethodLayer):
         """The weight before any merge (the base weight itself when nothing is merged)."""
         return self._original_weight if self._original_weight is not None else self.get_base_layer().weight
 
+    def _quantized(self) -> bool:
+        return bnb_layer_kind(self.get_base_layer()) is not None
+
     @contextmanager
     def read_pre_merge_weight(self) -> Iterator[torch.Tensor]:
-        """The weight before any merge, readable for the block: the kept copy once merged, else
-        :meth:`read_weight` (gathered under ZeRO-3, dequantized for bitsandbytes)."""
-        if self._original_weight is not None:
+        """The weight before any merge, readable for the block: the kept copy once merged (dequantized from
+        the kept quantized bytes on a bitsandbytes base), else :meth:`read_weight`."""
+        if self._quantized() and self._quantized_backup is not None:
+            yield dequantize_snapshot(self.get_base_layer(), self._quantized_backup)
+        elif self._original_weight is not None:
             yield self._original_weight
         else:
             with self.read_weight() as weight:
                 yield weight
+
+    def trained_against(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The frozen weight ``adapter_name``'s update is a function of, given the (pre-merge) base weight.
+
+        ``weight`` itself, unless the adapter was trained on a bitsandbytes-quantized base and this base is
+        not quantized: then ``weight`` quantized and dequantized again with the recorded settings, as the
+        training base computed with (transient, one layer at a time). So the adapter computes the same update
+        on the full-precision original as in training, and as the streaming merge writes.
+        """
+        settings = self.reproduced_quantization.get(adapter_name)
+        return weight if settings is None else reproduce_quantized(weight.detach(), settings)
+
+    @contextmanager
+    def read_trained_weight(self, adapter_name: str) -> Iterator[torch.Tensor]:
+        """:meth:`read_weight`, as :meth:`trained_against` sees it for ``adapter_name`` (a reader for forward and backward)."""
+        with self.read_weight() as weight:
+            yield self.trained_against(weight, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.reproduced_quantization.pop(adapter_name, None)
 
     def _adapter_params(self, adapter_names: list[str]) -> list[torch.Tensor]:
         containers = [getattr(self, name) for name in self.adapter_layer_names]
         return [c[n] for c in containers for n in adapter_names if n in c]
 
     def check_merge_values(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight
         with (
             gathered(self._adapter_params(adapter_names)),
             self.read_pre_merge_weight() as original,
-            gathered([weight]),
+            self.read_weight() as current,
             torch.no_grad(),
         ):
-            current = weight.data
             for name in adapter_names:
-                current = self.merged_weight(current, original.detach(), name)
+                current = self.merged_weight(current, self.trained_against(original.detach(), name), name)
 
     def merge_into_weight(self, adapter_names: list[str]) -> None:
         """Write the adapters into the weight. Under ZeRO-3 the layer's weight (and the adapter's tensors)
         are gathered for the write and rank 0's result written back into every rank's partition; the
-        pre-merge copy is then the full weight (kept until :meth:`unmerge_from_weight`)."""
+        pre-merge copy is then the full weight (kept until :meth:`unmerge_from_weight`). On a bitsandbytes
+        base the merged weight is quantized again (a warning: that rounds) and the quantized bytes from
+        before the first merge are what is kept."""
+        if self._quantized():
+            self._merge_into_quantized(adapter_names)
+            return
         weight = self.get_base_layer().weight
         with gathered(self._adapter_params(adapter_names)), gathered([weight], modifier_rank=0):
             original = self._original_weight if self._original_weight is not None else weight.data.clone()
             merged = weight.data
             for name in adapter_names:  # every update is computed (and checked) before the weight changes
                 with torch.no_grad():
-                    merged = self.merged_weight(merged, original, name)
+                    merged = self.merged_weight(merged, self.trained_against(original, name), name)
             self._original_weight = original
             _write_weight(weight, merged)
         self.merged_adapters.extend(adapter_names)
 
+    def _merge_into_quantized(self, adapter_names: list[str]) -> None:
+        base = self.get_base_layer()
+        title = get_method(self.method_name).display_name
+        warnings.warn(
+            f"Merging {title} adapter(s) {adapter_names} into the {bnb_layer_kind(base)} layer {self.layer_name()}: "
+            "the layer is dequantized, updated and quantized again, which rounds (the merged layer is not exactly "
+            "base + update; unmerge restores the quantized bytes exactly). For an exact merged checkpoint, merge "
+            "into the full-precision original: neuroada-plugin merge --base <original> --adapter <adapter>.",
+            UserWarning,
+            stacklevel=4,
+        )
+        with self.read_pre_merge_weight() as original, self.read_weight() as merged, torch.no_grad():
+            for name in adapter_names:  # every update is computed (and checked) before the layer changes
+                merged = self.merged_weight(merged, original, name)
+            snapshot = self._quantized_backup if self._quantized_backup is not None else quantized_snapshot(base)
+            set_quantized(base, merged)
+        self._quantized_backup = snapshot
+        self.merged_adapters.extend(adapter_names)
+
     def unmerge_from_weight(self) -> None:
+        if self._quantized() and self._quantized_backup is not None:
+            restore_quantized(self.get_base_layer(), self._quantized_backup)
+            self._quantized_backup = None
+            self.merged_adapters.clear()
+            return
         weight = self.get_base_layer().weight
         with gathered([weight], modifier_rank=0):
             _write_weight(weight, self._original_weight)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .bnb_cpu_layout import standard_4bit_state
 
-__all__ = ["SUPPORTED_QUANTIZED_LAYERS", "bnb_layer_kind", "dequantize_weight"]
+__all__ = ["SUPPORTED_QUANTIZED_LAYERS", "bnb_layer_kind", "dequantize_weight", "quantization_settings", "record_base_quantization", "recorded_quantization"]
 
 # Quantized layer kinds a method may adapt, as named in MethodSpec.quantized_layers and in messages.
 SUPPORTED_QUANTIZED_LAYERS = {
@@ -62,7 +62,11 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight
     kind = bnb_layer_kind(layer)
     if kind == "bnb_4bit":
-        if weight.quant_state is None:  # not quantized yet (e.g. still on the meta device / before .to())
+        if getattr(weight, "quant_state", None) is None and getattr(layer, "quant_state", None) is not None:
+            # FSDP re-creates the parameter when it unshards it (plain storage, no quant_state): bitsandbytes'
+            # own forward takes the layer's copy of the state back onto it (fix_4bit_weight_quant_state_from_module).
+            weight.quant_state = layer.quant_state
+        if getattr(weight, "quant_state", None) is None:  # not quantized yet (e.g. on the meta device / before .to())
             return weight.data.clone()
         return bnb.functional.dequantize_4bit(*standard_4bit_state(weight))
     if kind == "bnb_8bit":
@@ -73,3 +77,56 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
             raise RuntimeError(f"{type(layer).__name__}: int8 weight without row scales (SCB); cannot dequantize it.")
         return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
     raise TypeError(f"{type(layer).__name__} is not a bitsandbytes Linear4bit/Linear8bitLt layer.")
+
+
+def quantization_settings(layer: nn.Module, loaded_dtype: torch.dtype | None = None) -> dict[str, object] | None:
+    """What reproduces ``layer``'s quantized weight from its full-precision original, as JSON-ready values.
+
+    A method whose update is a function of the frozen weight learns against the *dequantized* weight;
+    a merge into the full-precision original needs that weight again, and re-quantizing the original
+    with these settings gives it (:func:`neuroada_plugin.kit.quantized_write.reproduce_quantized`).
+    ``None`` for a layer that is not quantized (an 8-bit layer that keeps fp16 weights).
+    ``loaded_dtype``: the dtype the model was loaded in (an int8 weight does not remember it; bitsandbytes
+    quantizes from it through fp16, so a bf16 load rounds twice). 4-bit weights record their own.
+    """
+    kind = bnb_layer_kind(layer)
+    weight = layer.weight
+    if kind == "bnb_4bit" and weight.quant_state is not None:
+        _, state = standard_4bit_state(weight)
+        return {
+            "kind": kind,
+            "quant_type": str(weight.quant_type),
+            "blocksize": int(weight.blocksize),
+            "compress_statistics": bool(weight.compress_statistics),
+            "dtype": str(state.dtype).removeprefix("torch."),  # the dtype the weight had when it was quantized
+        }
+    if kind == "bnb_8bit" and not weight.dtype.is_floating_point:
+        dtype = str(loaded_dtype or torch.float16).removeprefix("torch.")
+        return {"kind": kind, "dtype": dtype}  # bitsandbytes quantizes int8 rows from it, cast to fp16
+    return None
+
+
+def record_base_quantization(config: object, module_name: str, settings: dict[str, object] | None) -> None:
+    """Note in ``config.base_quantization`` that ``module_name`` was quantized with ``settings`` (``None``: it is
+    not quantized); saved with the adapter in ``adapter_config.json``, one group per distinct setting."""
+    groups = [group for group in (getattr(config, "base_quantization", None) or []) if isinstance(group, dict)]
+    for group in groups:
+        if module_name in group.get("modules", []):
+            group["modules"].remove(module_name)
+    for group in groups if settings is not None else []:
+        if group.get("settings") == settings:
+            group["modules"] = sorted({*group["modules"], module_name})
+            break
+    else:
+        if settings is not None:
+            groups.append({"settings": dict(settings), "modules": [module_name]})
+    config.base_quantization = [group for group in groups if group.get("modules")] or None
+
+
+def recorded_quantization(config: object, module_name: str) -> dict[str, object] | None:
+    """The settings ``config`` (a config object or ``adapter_config.json`` as a dict) records for ``module_name``."""
+    groups = config.get("base_quantization") if isinstance(config, dict) else getattr(config, "base_quantization", None)
+    for group in groups or []:
+        if isinstance(group, dict) and module_name in group.get("modules", []):
+            return group.get("settings")
+    return None

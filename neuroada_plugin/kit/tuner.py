@@ -23,8 +23,10 @@ A method's tuner sets ``method_name`` and ``tuner_layer_cls`` and writes :meth:`
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -34,7 +36,13 @@ from ..registry import MethodSpec, get_method
 from .adapter_dtype import record_adapter_dtypes
 from .bnb_cpu_layout import guard_4bit_layers, unguard_4bit_layers
 from .fingerprint import raise_pending_mismatches
-from .quantized import SUPPORTED_QUANTIZED_LAYERS, bnb_layer_kind
+from .quantized import (
+    SUPPORTED_QUANTIZED_LAYERS,
+    bnb_layer_kind,
+    quantization_settings,
+    record_base_quantization,
+    recorded_quantization,
+)
 from .sharded import full_shape, is_partitioned
 
 __all__ = ["MethodTuner", "check_target"]
@@ -108,6 +116,29 @@ def check_target(spec: MethodSpec, target: nn.Module, module_name: str, *, loadi
         )
 
 
+def _loaded_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype a Transformers model was loaded in (``config.dtype``), else that of its first float parameter."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None) or getattr(
+        getattr(model, "config", None), "torch_dtype", None
+    )
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _note_trained_quantization(layer: nn.Module, adapter_name: str, settings: dict[str, Any] | None) -> None:
+    """Tell a weight-function layer which quantization ``adapter_name`` reproduces (``None``: none)."""
+    reproduced = getattr(layer, "reproduced_quantization", None)
+    if reproduced is None:
+        return
+    if settings is None:
+        reproduced.pop(adapter_name, None)
+    else:
+        reproduced[adapter_name] = dict(settings)
+
+
 class MethodTuner(BaseTuner):
     """``BaseTuner`` of a registered method (see the module docstring for what it does for every method).
 
@@ -143,14 +174,55 @@ class MethodTuner(BaseTuner):
         self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module,
         current_key: str, **optional_kwargs: Any,
     ) -> None:  # fmt: skip
+        trained_quantization = self._trained_quantization(config, target, current_key)
         if isinstance(target, self.tuner_layer_cls):
+            _note_trained_quantization(target, adapter_name, trained_quantization)
             target.update_layer(adapter_name, config, module_name=current_key)
             return
         check_target(self.spec, target, current_key, loading=bool(getattr(config, "inference_mode", False)))
         new_module = self.create_layer(target, adapter_name, config, current_key)
+        _note_trained_quantization(new_module, adapter_name, trained_quantization)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _trained_quantization(self, config: Any, target: nn.Module, module_name: str) -> dict[str, Any] | None:
+        """For a method whose update is a function of the frozen weight (``reads_weights_in_forward``): which
+        bitsandbytes settings the adapter's update is computed against, to be reproduced on this layer.
+
+        A layer not yet in ``config.base_quantization`` records its own settings when it is quantized (the
+        adapter is created here; the record is saved in ``adapter_config.json``). A recorded layer keeps its
+        record: on an unquantized base the settings are returned, and the layer reproduces the quantized weight
+        it was trained against; on a base quantized otherwise a warning is noted.
+        """
+        if not self.spec.reads_weights_in_forward:
+            return None
+        base = _base(target)
+        settings = quantization_settings(base, _loaded_dtype(self.model)) if bnb_layer_kind(base) is not None else None
+        recorded = recorded_quantization(config, module_name)
+        if recorded is None:
+            if settings is not None:
+                record_base_quantization(config, module_name, settings)
+            return None
+        if settings is None:
+            return recorded
+        if settings != recorded:
+            self.__dict__.setdefault("_quantization_differs", []).append(module_name)
+        return None
+
+    def _warn_quantization_differs(self) -> None:
+        differs = self.__dict__.pop("_quantization_differs", [])
+        if differs:
+            title = self.spec.display_name
+            warnings.warn(
+                f"This {title} adapter was trained on a base quantized with other bitsandbytes settings "
+                f"(adapter_config.json: base_quantization) than {len(differs)} layer(s) here (e.g. {differs[0]}). "
+                f"{title}'s update is a function of the frozen weight, so here it is computed from this quantization "
+                "and differs from the trained model's. Load the base with the BitsAndBytesConfig it was trained "
+                "with, or unquantized (the recorded quantization is then reproduced).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         setattr(parent, child_name, new_module)
@@ -192,6 +264,7 @@ class MethodTuner(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)
+        self._warn_quantization_differs()
         guard_4bit_layers(model)
         if not getattr(self, "_checks_base_fingerprints", False):
             self.register_load_state_dict_post_hook(lambda module, incompatible: raise_pending_mismatches(module))

@@ -124,10 +124,12 @@ def split_fingerprint(module: AdapterModule) -> tuple[AdapterModule, torch.Tenso
     """``module`` without its base fingerprint, the fingerprint and its key (``None`` when the file has none)."""
     if FINGERPRINT_PARAM not in module.tensors:
         return module, None, None
+    recorded = module.tensors[FINGERPRINT_PARAM]
     rest = dataclasses.replace(
         module,
         tensors={k: v for k, v in module.tensors.items() if k != FINGERPRINT_PARAM},
         keys={k: v for k, v in module.keys.items() if k != FINGERPRINT_PARAM},
+        fingerprint=recorded if is_recorded(recorded) else None,
     )
     return rest, module.tensors[FINGERPRINT_PARAM], module.keys[FINGERPRINT_PARAM]
 
@@ -155,6 +157,7 @@ def plan_merge(
     check_patches = []
     for module in modules.values():
         module, recorded, key = split_fingerprint(module)  # the engine's, not the rule's
+        module = dataclasses.replace(module, base_mismatch_allowed=checks.allow)
         target = f"{module.module}.weight"
         if not is_recorded(recorded):  # no key (saved before fingerprints existed) or the placeholder
             checks.not_recorded.append(module.module)

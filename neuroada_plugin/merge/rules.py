@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import AdapterCheckpointError
+from ..kit.fingerprint import BaseMismatchError, fingerprint_distance, weight_fingerprint
+from ..kit.quantized import recorded_quantization
 from ..registry import MethodSpec, UnknownMethodError, method_for_peft_type, methods
 from .errors import UnsupportedAdapterError
 
@@ -34,10 +36,13 @@ __all__ = [
     "BaseTensorInfo",
     "CheckpointRule",
     "TensorPatch",
+    "REPRODUCED_TOLERANCE",
     "check_float_base",
+    "check_reproducible",
     "expect_tensors",
     "get_checkpoint_rule",
     "method_for_adapter",
+    "trained_against",
 ]
 
 
@@ -62,6 +67,11 @@ class AdapterModule:
         keys: Parameter name -> the key in the adapter file (for messages).
         config: The adapter's ``adapter_config.json``.
         weights_file: The adapter weights file (for messages).
+        fingerprint: The base-weight fingerprint the adapter recorded for this module (``None``: not recorded).
+            The engine compares it with the base tensor itself; a rule that reconstructs the weight the adapter
+            was trained against (a quantized base) may compare it with that too.
+        base_mismatch_allowed: The user passed ``--allow-base-mismatch``: a rule's own fingerprint comparison
+            reports instead of refusing.
     """
 
     module: str
@@ -69,6 +79,8 @@ class AdapterModule:
     keys: Mapping[str, str]
     config: Mapping[str, Any]
     weights_file: Path
+    fingerprint: torch.Tensor | None = None
+    base_mismatch_allowed: bool = False
 
     @property
     def where(self) -> str:
@@ -92,6 +104,8 @@ class TensorPatch:
         shape: The tensor's shape after the patch when it changes it (``None``: unchanged). Only the
             engine's own full copies set it, for an adapter that resized the vocabulary; a method's
             rule keeps shapes.
+        notes: Numbers ``apply`` measured, for ``merge_info.json`` (``"patch_notes"``: the largest value of each
+            key over all patches).
     """
 
     target: str
@@ -100,6 +114,7 @@ class TensorPatch:
     sources: tuple[str, ...] = ()
     description: str = ""
     shape: tuple[int, ...] | None = None
+    notes: dict[str, float] = field(default_factory=dict)
 
 
 class CheckpointRule(Protocol):
@@ -148,6 +163,58 @@ def check_float_base(info: BaseTensorInfo, *, method: str, module: str) -> None:
             f"{info.dtype or 'unsupported'}; merging needs a floating-point (unquantized) weight. Merge into the "
             "full-precision original of the model."
         )
+
+
+# Fingerprint distance within which a re-quantized original counts as the weight the adapter was trained
+# against: the same quantization of the same weight gives 0 (or accumulation noise, < 0.01); the
+# original itself is 0.05-0.16 from its 4-bit version and ~0.01 from its 8-bit one.
+REPRODUCED_TOLERANCE = 0.005
+
+
+def check_reproducible(module: AdapterModule, *, method: str) -> None:
+    """Refuse, before anything is written, a module trained on a quantized base that cannot be reproduced here."""
+    if recorded_quantization(module.config, module.module) is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AdapterCheckpointError(
+            f"{method} layer {module.module} was trained on a bitsandbytes-quantized base (adapter_config.json: "
+            f"base_quantization). {method}'s update is a function of the frozen weight, so merging it into the "
+            "full-precision original re-quantizes each weight the same way to compute the update from the weight "
+            "it was trained against, which needs bitsandbytes: pip install bitsandbytes."
+        )
+
+
+def trained_against(module: AdapterModule, weight: torch.Tensor, patch: TensorPatch, *, method: str) -> torch.Tensor:
+    """The frozen weight the adapter of ``module`` learned against, given the base tensor ``weight``.
+
+    ``weight`` itself, unless the adapter records that this layer was quantized by bitsandbytes when it
+    was trained (``adapter_config.json``: ``base_quantization``): then ``weight`` is quantized with the
+    recorded settings and dequantized again, as loading did, and compared with the fingerprint the adapter
+    recorded from the weight it trained on (:data:`REPRODUCED_TOLERANCE`; the distance is noted in
+    ``patch.notes["reproduced_fingerprint_distance"]``).
+    """
+    settings = recorded_quantization(module.config, module.module)
+    if settings is None:
+        return weight
+    from ..kit.quantized_write import reproduce_quantized
+
+    reproduced = reproduce_quantized(weight, settings)
+    if module.fingerprint is not None:
+        distance = fingerprint_distance(module.fingerprint, weight_fingerprint(reproduced))
+        key = "reproduced_fingerprint_distance"
+        patch.notes[key] = max(distance, patch.notes.get(key, 0.0))
+        if distance > REPRODUCED_TOLERANCE and not module.base_mismatch_allowed:
+            raise BaseMismatchError(
+                f"{module.where}: this {method} adapter was trained on a {settings.get('kind')} quantization of its "
+                f"base ({settings}); quantizing this base tensor the same way gives a weight whose fingerprint is "
+                f"{distance:.4f} away from the one recorded in training (the same weight gives < "
+                f"{REPRODUCED_TOLERANCE}). This is not the checkpoint that was quantized for training (another "
+                "revision or dtype?). Merge into the checkpoint the adapter was trained from, or pass "
+                "--allow-base-mismatch to merge anyway (the update is then computed from this quantization)."
+            )
+    return reproduced
 
 
 _PEFT_ONLY = {"LORA", "ADALORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "DORA", "VERA", "FOURIERFT", "BONE", "SHIRA"}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..registry import MethodSpec
 from .errors import InsufficientSpaceError
 from .plan import FingerprintChecks, plan_merge, vocabulary_resize
 from .rules import TensorPatch, method_for_adapter
@@ -175,6 +176,7 @@ def merge_adapter_checkpoint(
             tokenizer_from=tokenizer_from,
             exact_merge=spec.exact_merge,
             base_fingerprint=checks.summary(),
+            **_trained_against_facts(adapter_ckpt.config, plan, spec),
             vocab_size=vocab_size or _vocab_size(base_ckpt.config),
             base_vocab_size=_vocab_size(base_ckpt.config),
             **_quantization_facts(base_dir, adapter_dir),
@@ -296,6 +298,32 @@ def _quantization_facts(base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
                 trained_with[key.strip()] = value.strip()
             break
     return {"base_quantization": base_quantization, "adapter_training_quantization": trained_with}
+
+
+def _trained_against_facts(
+    adapter_config: dict[str, Any], plan: dict[str, list[TensorPatch]], spec: MethodSpec
+) -> dict[str, Any]:
+    """What ``merge_info.json`` says about the weight a weight-function method's update was computed from.
+
+    Nothing for NeuroAda-like methods (their update does not read the weight). For NEAT/SMoA-like ones:
+    ``update_computed_from`` is ``"base"`` (this checkpoint's weight), or ``"re-quantized base"`` when the
+    adapter was trained on a bitsandbytes base (``base_quantization`` recorded in its config): each such
+    weight was quantized and dequantized again with the recorded settings, and
+    ``patch_notes.reproduced_fingerprint_distance`` is the largest fingerprint distance between that and
+    the weight the adapter recorded in training.
+    """
+    if not spec.reads_weights_in_forward:
+        return {}
+    notes: dict[str, float] = {}
+    for patch in {id(p): p for patches in plan.values() for p in patches}.values():
+        for key, value in patch.notes.items():
+            notes[key] = round(max(value, notes.get(key, value)), 6)
+    groups = adapter_config.get("base_quantization") or []
+    return {
+        "update_computed_from": "re-quantized base" if groups else "base",
+        "adapter_base_quantization": groups or None,
+        "patch_notes": notes,
+    }
 
 
 def _write_merge_info(path: Path, **facts: Any) -> None:

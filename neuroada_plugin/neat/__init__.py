@@ -26,6 +26,7 @@ register(
         reads_weights_when_created=False,
         reads_weights_in_forward=True,
         exact_merge=True,
+        quantized_layers=("bnb_4bit", "bnb_8bit"),  # W0 dequantized one layer at a time, in forward and backward
         supports_sharding=True,  # W0 gathered under ZeRO-3 for each read, in forward and in backward (kit)
         cli_commands=("neuroada_plugin.neat.cli:register",),
         exports_lora=True,

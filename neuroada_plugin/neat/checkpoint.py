@@ -3,7 +3,9 @@
 A NEAT adapter stores, per adapted linear layer ``M``: ``M.neat_A`` (``[r, out]``), ``M.neat_B``
 (``[out, r]``) and, when ``depth > 0``, ``M.neat_E`` / ``M.neat_D`` (``[depth, r, r]``). The patch is
 ``W <- W + s * B @ P(W)`` with the arithmetic of :mod:`.functional`, which the in-memory layer uses
-too, so both paths write bit-identical weights. Imports torch only (no PEFT, no Transformers).
+too, so both paths write bit-identical weights. An adapter trained on a bitsandbytes base computes
+``P`` from the weight it learned against, ``W <- W + s * B @ P(deq(quant(W)))``, the original
+re-quantized with the settings recorded in ``adapter_config.json`` (``base_quantization``). Imports torch only (no PEFT, no Transformers).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AdapterCheckpointError
-from ..merge.rules import AdapterModule, BaseTensorInfo, TensorPatch, check_float_base, expect_tensors
+from ..merge.rules import (
+    AdapterModule,
+    BaseTensorInfo,
+    TensorPatch,
+    check_float_base,
+    check_reproducible,
+    expect_tensors,
+    trained_against,
+)
 from ..registry import get_method
 from .functional import ACTIVATIONS, merged_weight
 
@@ -83,8 +93,10 @@ def read_neat_module(module: AdapterModule) -> NeatModuleTensors:
 
 
 def check_base_weight(module: AdapterModule, tensors: NeatModuleTensors, info: BaseTensorInfo) -> None:
-    """Refuse a base weight NEAT cannot read: not floating point (quantized), or not ``[out, *]``."""
+    """Refuse a base weight NEAT cannot read: not floating point (quantized), or not ``[out, *]``; and a layer
+    trained on a quantized base when bitsandbytes is missing (its update needs the re-quantized weight)."""
     check_float_base(info, method="NEAT", module=module.module)
+    check_reproducible(module, method="NEAT")
     if len(info.shape) != 2 or info.shape[0] != tensors.out_features:
         raise AdapterCheckpointError(
             f"NEAT layer {module.module}: base tensor {info.name!r} in {info.file.name} has shape "
@@ -100,13 +112,14 @@ def neat_checkpoint_rule(module: AdapterModule, base_tensors: Mapping[str, BaseT
 
     def apply(weight: torch.Tensor) -> torch.Tensor:
         what = f"NEAT layer {module.module} into {weight.dtype} tensor {target!r}"
-        return merged_weight(weight, weight, t.a, t.b, t.encoders, t.decoders, t.act, t.scaling, what=what)
+        # dW is a function of W0: of the dequantized weight when the adapter was trained on a 4-bit/8-bit base.
+        original = trained_against(module, weight, patch, method="NEAT")
+        return merged_weight(weight, original, t.a, t.b, t.encoders, t.decoders, t.act, t.scaling, what=what)
 
-    return [
-        TensorPatch(
-            target=target,
-            apply=apply,
-            check=lambda info: check_base_weight(module, t, info),
-            description=f"neat r={t.rank} depth={t.depth}",
-        )
-    ]
+    patch = TensorPatch(
+        target=target,
+        apply=apply,
+        check=lambda info: check_base_weight(module, t, info),
+        description=f"neat r={t.rank} depth={t.depth}",
+    )
+    return [patch]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
 from ..kit.layer import WeightFunctionLayer
+from ..kit.quantized import bnb_layer_kind
 from ..kit.sharded import gathered, is_partitioned
 from .config import NeatConfig
 from .functional import delta_weight, merged_weight, neat_delta, weight_features
@@ -37,7 +39,7 @@ class NeatLayer(WeightFunctionLayer):
 
     def update_layer(self, adapter_name: str, config: NeatConfig, module_name: str = "") -> None:
         weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = self.adapter_init_dtype()  # float32 on a quantized base
         r, depth = config.r, config.depth
 
         def kaiming(*shape: int) -> torch.Tensor:
@@ -71,7 +73,7 @@ class NeatLayer(WeightFunctionLayer):
         a, b, enc, dec = self._tensors(adapter_name)
         act, scaling = self.neat_act_fn[adapter_name], self.neat_scaling[adapter_name]
         with gathered([a, b, enc, dec]), self.read_pre_merge_weight() as original:
-            return delta_weight(original, a, b, enc, dec, act, scaling)
+            return delta_weight(self.trained_against(original, adapter_name), a, b, enc, dec, act, scaling)
 
     def merged_weight(self, current: torch.Tensor, original: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b, enc, dec = self._tensors(adapter_name)
@@ -80,9 +82,11 @@ class NeatLayer(WeightFunctionLayer):
         return merged_weight(current, original, a, b, enc, dec, act, scaling, what=what)
 
     def check_weight_for_forward(self) -> None:
-        weight = self.get_base_layer().weight
-        # A DeepSpeed ZeRO-3 partition is gathered by read_weight for each read; any other shard cannot be.
-        if weight.shape != (self.out_features, self.in_features) and not is_partitioned(weight):
+        base = self.get_base_layer()
+        weight = base.weight
+        # read_weight gathers a ZeRO-3 partition and dequantizes a bitsandbytes layer; any other shard cannot be read.
+        readable = is_partitioned(weight) or bnb_layer_kind(base) is not None
+        if weight.shape != (self.out_features, self.in_features) and not readable:
             raise RuntimeError(
                 f"NEAT layer ({self.out_features}x{self.in_features}) sees its frozen weight as a "
                 f"{tuple(weight.shape)} shard in the forward pass, which it cannot gather (not a DeepSpeed ZeRO-3 "
@@ -92,7 +96,8 @@ class NeatLayer(WeightFunctionLayer):
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b, enc, dec = self._tensors(adapter_name)
         # [r, in], once per forward; W0 read through the kit (gathered under ZeRO-3) in forward and backward.
-        features = weight_features(self.read_weight, a, enc, dec, self.neat_act_fn[adapter_name])
+        reader = functools.partial(self.read_trained_weight, adapter_name)
+        features = weight_features(reader, a, enc, dec, self.neat_act_fn[adapter_name])
         return neat_delta(x, features, b, self.neat_scaling[adapter_name])
 
     def __repr__(self) -> str:

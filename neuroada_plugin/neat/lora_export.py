@@ -280,9 +280,9 @@ def model_to_lora(model: Any, adapter_name: str = "default") -> tuple[dict[str, 
     layers = {name: module for name, module in root.named_modules() if isinstance(module, NeatLayer)}
 
     def base_weight(path: str) -> torch.Tensor:
-        layer = layers[path]
-        original = layer._original_weight
-        return (original if original is not None else layer.get_base_layer().weight).detach()
+        # The weight before any merge (dequantized on a 4-bit/8-bit base: what the adapter was trained against).
+        with layers[path].read_pre_merge_weight() as weight:
+            return weight.detach()
 
     adapter = AdapterCheckpoint(
         path=Path("<in memory>"), config=config, tensors=tensors, weights_file=Path("<in memory>")

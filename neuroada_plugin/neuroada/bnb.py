@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..kit.quantized import bnb_layer_kind
+from ..kit.quantized_write import quantized_snapshot, restore_quantized, set_quantized
 from .config import NeuroAdaConfig
 from .layer import Linear
 from .validation import merge_values, put_entries_
@@ -38,7 +39,7 @@ __all__ = ["Linear4bit", "Linear8bitLt", "QuantizedLinear", "dispatch_bnb"]
 class QuantizedLinear(Linear):
     """NeuroAda around a bitsandbytes layer: ``y = base(x) (quantized matmul) + sparse bypass``.
 
-    Subclasses say how to re-quantize a merged weight and what to keep for an exact unmerge.
+    Re-quantizing a merged weight and keeping what an exact unmerge needs is shared (:mod:`~neuroada_plugin.kit.quantized_write`).
     """
 
     quantization = ""  # key of SUPPORTED_QUANTIZED_LAYERS
@@ -116,13 +117,13 @@ class QuantizedLinear(Linear):
                 self._set_quantized(dense)
 
     def _quantized_state(self) -> Any:
-        raise NotImplementedError
+        return quantized_snapshot(self.get_base_layer())
 
     def _set_quantized(self, dense: torch.Tensor) -> None:
-        raise NotImplementedError
+        set_quantized(self.get_base_layer(), dense)
 
     def _restore_quantized(self, state: Any) -> None:
-        raise NotImplementedError
+        restore_quantized(self.get_base_layer(), state)
 
 
 class Linear4bit(QuantizedLinear):
@@ -130,53 +131,11 @@ class Linear4bit(QuantizedLinear):
 
     quantization = "bnb_4bit"
 
-    def _quantized_state(self) -> Any:
-        return self.get_base_layer().weight
-
-    def _set_quantized(self, dense: torch.Tensor) -> None:
-        import bitsandbytes as bnb
-
-        base = self.get_base_layer()
-        weight = base.weight
-        # The same settings (blocksize, quant type, double quantization, storage dtype) as before.
-        settings = {
-            key: value
-            for key, value in weight.__dict__.items()
-            if not key.startswith("_") and key not in ("data", "quant_state", "bnb_quantized")
-        }
-        settings["requires_grad"] = False
-        base.weight = bnb.nn.Params4bit(dense.to("cpu"), **settings).to(weight.device)
-
-    def _restore_quantized(self, state: Any) -> None:
-        base = self.get_base_layer()
-        base.weight = state
-        base.quant_state = state.quant_state
-
 
 class Linear8bitLt(QuantizedLinear):
     """NeuroAda around ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8())."""
 
     quantization = "bnb_8bit"
-
-    def _quantized_state(self) -> Any:
-        base = self.get_base_layer()
-        return base.weight, base.state.CB, base.state.SCB
-
-    def _set_quantized(self, dense: torch.Tensor) -> None:
-        import bitsandbytes as bnb
-
-        base = self.get_base_layer()
-        weight = base.weight
-        base.weight = bnb.nn.Int8Params(
-            dense.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
-        ).to(weight.device)
-        # Clears the state's CB/SCB: the next forward moves the new weight's into it (bitsandbytes' init_8bit_state).
-        base.state.reset_grads()
-
-    def _restore_quantized(self, state: Any) -> None:
-        base = self.get_base_layer()
-        base.state.reset_grads()  # clears CB/SCB too: restore them afterwards
-        base.weight, base.state.CB, base.state.SCB = state
 
 
 _LAYERS = {"bnb_4bit": Linear4bit, "bnb_8bit": Linear8bitLt}

@@ -44,7 +44,7 @@ class SmoaLayer(WeightFunctionLayer):
 
     def update_layer(self, adapter_name: str, config: SmoaConfig, module_name: str = "") -> None:
         weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = self.adapter_init_dtype()
         layout = BlockLayout.of(self.out_features, self.in_features, config.ranks)
 
         def kaiming(n_rows: int, n_cols: int) -> torch.Tensor:
@@ -80,11 +80,8 @@ class SmoaLayer(WeightFunctionLayer):
 
     def _compute_orders(self, adapter_name: str) -> None:
         """The spectral orderings of the (pre-merge) weight: one SVD, at creation only."""
-        if self._original_weight is not None:
-            rows, cols = spectral_orders(self._original_weight)
-        else:
-            with self.read_weight() as weight:
-                rows, cols = spectral_orders(weight)
+        with self.read_pre_merge_weight() as weight:
+            rows, cols = spectral_orders(weight)
         self.smoa_rows[adapter_name], self.smoa_cols[adapter_name] = rows, cols
         self._pending_orders.discard(adapter_name)
 

@@ -1,4 +1,4 @@
-"""NeuroAda on a 4-bit base under sharding (FSDP-QLoRA, ZeRO-3 + 4-bit) on 2 CPU processes (gloo).
+"""NeuroAda and NEAT on a 4-bit base under sharding (FSDP-QLoRA, ZeRO-3 + 4-bit) on 2 CPU processes (gloo).
 
 Launched by tests/test_distributed_qlora.py with ``torch.distributed.run`` and ``DS_ACCELERATOR=cpu``.
 Each mode loads the tiny base in bitsandbytes NF4, creates the adapter, shards the model, trains STEPS
@@ -16,7 +16,10 @@ for the test to compare with one process on the 4-bit base:
   way the Trainer saves under ZeRO-3 (consolidated 16-bit state dict, rank 0);
 * ``zero3_8bit``: the same on an LLM.int8 base (``load_in_8bit``). FSDP2 on an 8-bit base fails
   without Axolotl's FSDP2 patches (``Int8Params`` loses its ``CB``/``SCB`` when sharded), so it is
-  refused by the Axolotl validation and not run here.
+  refused by the Axolotl validation and not run here;
+* ``neat_fsdp2`` / ``neat_zero3``: NEAT (depth 1, B random) as ``fsdp2`` / ``zero3``: NEAT reads the
+  dequantized W0 in every forward and again in backward (under ZeRO-3 the packed bytes are gathered
+  for each read); its A, B, E, D are written instead of theta.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from tests.distributed.common import (
     MICRO,
     STEPS,
     indices_of,
+    neat_config,
+    neat_of,
     nf4_config,
     peft_config,
     rank_batch,
@@ -49,16 +54,31 @@ STORAGE = {
     "fsdp2": torch.bfloat16,
     "zero3": torch.bfloat16,
     "zero3_8bit": "8bit",
+    "neat_fsdp2": torch.bfloat16,
+    "neat_zero3": torch.bfloat16,
 }
 
 
-def build(base: Path, storage: torch.dtype | str) -> torch.nn.Module:
+def is_neat(mode: str) -> bool:
+    return mode.startswith("neat_")
+
+
+def build(base: Path, mode: str) -> torch.nn.Module:
     from transformers import BitsAndBytesConfig
 
     torch.manual_seed(0)
+    storage = STORAGE[mode]
     quantization = BitsAndBytesConfig(load_in_8bit=True) if storage == "8bit" else nf4_config(storage)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization)
-    return get_peft_model(model, peft_config())
+    model = get_peft_model(model, neat_config() if is_neat(mode) else peft_config())
+    # Training mode, as the Trainer and the one-process reference (from_pretrained returns eval mode, in which
+    # bitsandbytes packs 4-bit weights for its CPU kernel on AVX512-BF16 CPUs).
+    model.train()
+    return model
+
+
+def trained_of(mode: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return neat_of(model) if is_neat(mode) else theta_of(model)
 
 
 def packed_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -105,10 +125,10 @@ def adamw_step(model: torch.nn.Module):
 
 
 def run_fsdp(mode: str, args: argparse.Namespace, rank: int, data: torch.Tensor) -> tuple[dict, dict, dict]:
-    model = build(args.base, STORAGE[mode])
+    model = build(args.base, mode)
     info: dict = {"weight_class": type(packed_weight(model)).__name__, "weight_dtype": str(packed_weight(model).dtype)}
-    info["agreement_buffers"] = check_rank_agreement(model)
-    indices = indices_of(model)
+    info["agreement_buffers"] = 0 if is_neat(mode) else check_rank_agreement(model)
+    indices = {} if is_neat(mode) else indices_of(model)
     if mode == "fsdp1_bf16":
         try:
             fsdp1(model)
@@ -127,7 +147,7 @@ def run_fsdp(mode: str, args: argparse.Namespace, rank: int, data: torch.Tensor)
         model = fsdp2(model)
         info["weight_is_dtensor"] = hasattr(packed_weight(model), "full_tensor")
         info["losses"] = train(adamw_step(model), model, data, rank)
-        theta = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in theta_of(model).items()}
+        theta = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trained_of(mode, model).items()}
     return info, theta, indices
 
 
@@ -145,9 +165,10 @@ def run_zero3(mode: str, args: argparse.Namespace, rank: int, data: torch.Tensor
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,
     }
-    model = build(args.base, STORAGE[mode])
-    info: dict = {"weight_class": type(packed_weight(model)).__name__, "agreement_buffers": check_rank_agreement(model)}
-    indices = indices_of(model)
+    model = build(args.base, mode)
+    info: dict = {"weight_class": type(packed_weight(model)).__name__}
+    info["agreement_buffers"] = 0 if is_neat(mode) else check_rank_agreement(model)
+    indices = {} if is_neat(mode) else indices_of(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     weight = packed_weight(engine.module)
@@ -163,9 +184,9 @@ def run_zero3(mode: str, args: argparse.Namespace, rank: int, data: torch.Tensor
     state = engine._zero3_consolidated_16bit_state_dict()  # what the Trainer saves under ZeRO-3
     if rank == 0:
         engine.module.save_pretrained(args.out / f"{mode}_adapter", state_dict=state)
-    params = [p for n, p in engine.module.named_parameters() if ".neuroada_theta." in n]
+    params = [p for n, p in engine.module.named_parameters() if ".neuroada_theta." in n or ".neat_" in n]
     with deepspeed.zero.GatheredParameters(params):
-        theta = {k: v.clone() for k, v in theta_of(engine.module).items()}
+        theta = {k: v.clone() for k, v in trained_of(mode, engine.module).items()}
     return info, theta, indices
 
 
@@ -174,7 +195,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--modes", default="fsdp1_bf16,fsdp1,fsdp2,zero3,zero3_8bit")
+    parser.add_argument("--modes", default="fsdp1_bf16,fsdp1,fsdp2,neat_fsdp2,zero3,zero3_8bit,neat_zero3")
     args = parser.parse_args()
     if "zero3" in args.modes:
         import deepspeed
@@ -186,9 +207,10 @@ def main() -> None:
     data = torch.load(args.data)
     result: dict = {}
     for mode in args.modes.split(","):  # zero3 last: the engine keeps global DeepSpeed state
-        run = run_zero3 if mode.startswith("zero3") else run_fsdp
+        run = run_zero3 if "zero3" in mode else run_fsdp
         info, theta, indices = run(mode, args, rank, data)
-        torch.save(indices, args.out / f"{mode}_indices_rank{rank}.pt")
+        if indices:
+            torch.save(indices, args.out / f"{mode}_indices_rank{rank}.pt")
         if rank == 0 and theta:
             torch.save({k: v.detach().cpu().float() for k, v in theta.items()}, args.out / f"{mode}_theta.pt")
         result[mode] = info
