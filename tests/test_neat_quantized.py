@@ -346,3 +346,24 @@ def test_merge_refuses_a_base_whose_requantized_weight_is_not_the_one_trained_ag
     assert out.returncode == 0, out.stderr
     info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
     assert info["patch_notes"]["reproduced_fingerprint_distance"] > 0.01
+
+
+def test_lora_export_of_an_adapter_trained_on_4bit_equals_its_merge(full_precision_dir, trained_on_4bit, tmp_path):
+    """``neat-to-lora`` computes P from the original quantized again too: the exported LoRA on the full-precision
+    original computes what the merged checkpoint computes (and what the NEAT adapter computes there)."""
+    folder, _ = trained_on_4bit
+    done = subprocess.run(
+        [sys.executable, "-m", "neuroada_plugin", "neat-to-lora", "--base", str(full_precision_dir),
+         "--adapter", str(folder), "--output", str(tmp_path / "lora")],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = merge_cli("--base", full_precision_dir, "--adapter", folder, "--output", tmp_path / "merged")
+    assert out.returncode == 0, out.stderr
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(full_precision_dir), tmp_path / "lora")
+    neat = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(full_precision_dir), folder)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        expected = merged(TOKENS).logits
+        torch.testing.assert_close(lora(TOKENS).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(neat(TOKENS).logits, expected, rtol=1e-5, atol=1e-5)

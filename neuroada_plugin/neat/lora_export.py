@@ -25,6 +25,8 @@ import torch
 
 from ..errors import AdapterCheckpointError
 from ..kit.fingerprint import OVERRIDE_ENV, check_fingerprint, mismatch_allowed
+from ..kit.quantized import recorded_quantization
+from ..kit.quantized_write import reproduce_quantized
 from ..merge.plan import group_by_module, split_fingerprint
 from ..merge.safetensors_io import read_tensor
 from ..merge.sources import (
@@ -233,7 +235,9 @@ def export_lora_checkpoint(
             recorded, weight, where=module.where, allow=mismatch_allowed(), override=f"set {OVERRIDE_ENV}=1"
         )
         bar.update(1)
-        return weight
+        # Trained on a bitsandbytes base: P is a function of the original quantized again, as in the merge.
+        settings = recorded_quantization(neat.config, path)
+        return weight if settings is None else reproduce_quantized(weight, settings)
 
     paths = [
         name.removesuffix(".weight")
@@ -280,9 +284,10 @@ def model_to_lora(model: Any, adapter_name: str = "default") -> tuple[dict[str, 
     layers = {name: module for name, module in root.named_modules() if isinstance(module, NeatLayer)}
 
     def base_weight(path: str) -> torch.Tensor:
-        # The weight before any merge (dequantized on a 4-bit/8-bit base: what the adapter was trained against).
+        # The weight before any merge as the adapter's update reads it (dequantized on a 4-bit/8-bit base, or
+        # the original quantized again for an adapter trained on one).
         with layers[path].read_pre_merge_weight() as weight:
-            return weight.detach()
+            return layers[path].trained_against(weight.detach(), adapter_name)
 
     adapter = AdapterCheckpoint(
         path=Path("<in memory>"), config=config, tensors=tensors, weights_file=Path("<in memory>")
