@@ -35,7 +35,8 @@ from tests.distributed.common import (
 
 # Mode -> bnb_4bit_quant_storage of its NF4 base ("8bit": LLM.int8), as in the worker.
 MODES = {"fsdp1": torch.float32, "fsdp2": torch.bfloat16, "zero3": torch.bfloat16, "zero3_8bit": "8bit"}
-NEAT_MODES = ["neat_fsdp2", "neat_zero3"]  # both on the bf16-storage NF4 base
+# NEAT mode -> its base: the bf16-storage NF4 base, or LLM.int8.
+NEAT_MODES = {"neat_fsdp2": torch.bfloat16, "neat_zero3": torch.bfloat16, "neat_zero3_8bit": "8bit"}
 
 
 def _quantization(storage):
@@ -54,8 +55,9 @@ def runs(tmp_path_factory):
     for storage in sorted(set(MODES.values()), key=str):
         model, losses = reference_model(base, data, peft_config(), quantization_config=_quantization(storage))
         references[storage] = {"theta": theta_of(model), "indices": indices_of(model), "losses": losses, "model": model}
-    model, losses = reference_model(base, data, neat_config(), quantization_config=nf4_config(torch.bfloat16))
-    references["neat"] = {"tensors": neat_of(model), "losses": losses}
+    for storage in sorted(set(NEAT_MODES.values()), key=str):
+        model, losses = reference_model(base, data, neat_config(), quantization_config=_quantization(storage))
+        references[("neat", storage)] = {"tensors": neat_of(model), "losses": losses}
     return {"out": out, "result": result, "references": references}
 
 
@@ -119,12 +121,13 @@ def test_zero3_saves_the_trained_adapter_on_rank0(runs, mode):
         assert torch.equal(value, indices[key.removeprefix("base_model.model.")]), key
 
 
-@pytest.mark.parametrize("mode", NEAT_MODES)
+@pytest.mark.parametrize("mode", list(NEAT_MODES))
 def test_neat_on_a_4bit_base_trains_like_one_process(runs, mode):
     """NEAT reads the dequantized W0 in forward and backward: under FSDP2 inside the unsharded unit, under
-    ZeRO-3 with the packed bytes gathered for each read. A, B, E and D equal one process on the same base."""
+    ZeRO-3 with the packed bytes gathered for each read (4-bit and 8-bit). A, B, E and D equal one process on
+    the same base."""
     info = runs["result"]["rank0"][mode]
-    reference = runs["references"]["neat"]
+    reference = runs["references"][("neat", NEAT_MODES[mode])]
     tensors = torch.load(runs["out"] / f"{mode}_theta.pt")
     assert {k.split(".")[-2] for k in tensors} == {"neat_A", "neat_B", "neat_E", "neat_D"}
     assert_theta_close(tensors, reference["tensors"])
@@ -132,7 +135,7 @@ def test_neat_on_a_4bit_base_trains_like_one_process(runs, mode):
     assert [(a + b) / 2 for a, b in zip(info["losses"], other, strict=True)] == pytest.approx(
         reference["losses"], rel=1e-5
     )
-    assert info["weight_class"] == "Params4bit"
+    assert info["weight_class"] == ("Int8Params" if mode.endswith("8bit") else "Params4bit")
     assert info["weight_is_dtensor"] if mode == "neat_fsdp2" else info["weight_partitioned"]
 
 

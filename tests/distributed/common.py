@@ -48,6 +48,22 @@ def nf4_config(quant_storage: torch.dtype):
     )
 
 
+def zero3_config() -> dict:
+    """The DeepSpeed ZeRO-3 config of the workers: every tensor partitioned (even the tiny model's small ones),
+    the 16-bit weights gathered on save (what Axolotl requires), plain AdamW, no clipping."""
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "stage3_param_persistence_threshold": 0,
+        },
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
+
+
 def peft_config():
     from neuroada_plugin import NeuroAdaConfig
 

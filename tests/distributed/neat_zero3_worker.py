@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from neuroada_plugin.kit.sharded import is_partitioned
-from tests.distributed.common import LR, MICRO, STEPS, neat_config, neat_of, rank_batch, write_rank_results
+from tests.distributed.common import LR, STEPS, neat_config, neat_of, rank_batch, write_rank_results, zero3_config
 
 
 def main() -> None:
@@ -30,17 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    ds_config = {
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_gather_16bit_weights_on_model_save": True,
-            "stage3_param_persistence_threshold": 0,  # partition even the tiny model's small tensors
-        },
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 0.0,
-    }
+    ds_config = zero3_config()
     keep_alive = HfDeepSpeedConfig(ds_config)  # from_pretrained builds the model under zero.Init
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     result: dict = {"partitioned": is_partitioned(base.model.layers[0].self_attn.q_proj.weight)}

@@ -17,7 +17,8 @@ for the test to compare with one process on the 4-bit base:
 * ``zero3_8bit``: the same on an LLM.int8 base (``load_in_8bit``). FSDP2 on an 8-bit base fails
   without Axolotl's FSDP2 patches (``Int8Params`` loses its ``CB``/``SCB`` when sharded), so it is
   refused by the Axolotl validation and not run here;
-* ``neat_fsdp2`` / ``neat_zero3``: NEAT (depth 1, B random) as ``fsdp2`` / ``zero3``: NEAT reads the
+* ``neat_fsdp2`` / ``neat_zero3`` / ``neat_zero3_8bit``: NEAT (depth 1, B random) as ``fsdp2`` / ``zero3`` /
+  ``zero3_8bit``: NEAT reads the
   dequantized W0 in every forward and again in backward (under ZeRO-3 the packed bytes are gathered
   for each read); its A, B, E, D are written instead of theta.
 """
@@ -35,7 +36,6 @@ from transformers import AutoModelForCausalLM
 from neuroada_plugin.neuroada.distributed import check_rank_agreement
 from tests.distributed.common import (
     LR,
-    MICRO,
     STEPS,
     indices_of,
     neat_config,
@@ -45,6 +45,7 @@ from tests.distributed.common import (
     rank_batch,
     theta_of,
     write_rank_results,
+    zero3_config,
 )
 
 # Mode -> bnb_4bit_quant_storage of its NF4 base; "8bit": LLM.int8 (Linear8bitLt) instead.
@@ -56,6 +57,7 @@ STORAGE = {
     "zero3_8bit": "8bit",
     "neat_fsdp2": torch.bfloat16,
     "neat_zero3": torch.bfloat16,
+    "neat_zero3_8bit": "8bit",
 }
 
 
@@ -154,17 +156,7 @@ def run_fsdp(mode: str, args: argparse.Namespace, rank: int, data: torch.Tensor)
 def run_zero3(mode: str, args: argparse.Namespace, rank: int, data: torch.Tensor) -> tuple[dict, dict, dict]:
     import deepspeed
 
-    ds_config = {
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_gather_16bit_weights_on_model_save": True,
-            "stage3_param_persistence_threshold": 0,
-        },
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 0.0,
-    }
+    ds_config = zero3_config()
     model = build(args.base, mode)
     info: dict = {"weight_class": type(packed_weight(model)).__name__}
     info["agreement_buffers"] = 0 if is_neat(mode) else check_rank_agreement(model)
@@ -195,7 +187,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--modes", default="fsdp1_bf16,fsdp1,fsdp2,neat_fsdp2,zero3,zero3_8bit,neat_zero3")
+    parser.add_argument("--modes", default="fsdp1_bf16,fsdp1,fsdp2,neat_fsdp2,zero3,zero3_8bit,neat_zero3,neat_zero3_8bit")
     args = parser.parse_args()
     if "zero3" in args.modes:
         import deepspeed
