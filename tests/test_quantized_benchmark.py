@@ -29,7 +29,9 @@ def test_quantized_benchmark_quick_run(tmp_path: Path) -> None:
     shapes = {"smollm2": (64, 160, 32), "llama7b_2l": (128, 344, 128)}  # hidden, intermediate, kv out
     for key, (hidden, mlp, kv) in shapes.items():
         rows = {(r["base"], r["method"]): r for r in payload["models"][key]["rows"]}
-        assert set(rows) == {(b, m) for b in ("fp32", "nf4") for m in ("frozen_backward", "neuroada_k1", "lora_r8")}
+        # Every method whose spec lists bnb_4bit (NeuroAda, NEAT) with its default config, LoRA and the frozen base.
+        methods = ("frozen_backward", "neuroada_k1", "neat_r8", "lora_r8")
+        assert set(rows) == {(b, m) for b in ("fp32", "nf4") for m in methods}
         layers = [
             (hidden, hidden),
             (hidden, kv),
@@ -41,9 +43,10 @@ def test_quantized_benchmark_quick_run(tmp_path: Path) -> None:
         ]
         neuroada = 2 * sum(out for _, out in layers)
         lora = 2 * sum(8 * (inp + out) for inp, out in layers)
+        neat = 2 * sum(2 * 8 * out for _, out in layers)  # A [r, out] and B [out, r], depth 0
         for (base, method), row in rows.items():
             assert row["ok"], row
             result = row["result"]
-            assert result["trainable"] == {"frozen_backward": 0, "neuroada_k1": neuroada, "lora_r8": lora}[method]
+            assert result["trainable"] == {"frozen_backward": 0, "neuroada_k1": neuroada, "neat_r8": neat, "lora_r8": lora}[method]
             assert result["quantized_layers"] == (14 if base == "nf4" else 0)
             assert result["peak_bytes"] >= result["before_step_bytes"] > 0 and result["step_s"] > 0
