@@ -24,6 +24,19 @@ NO_PACKING_REASON = "bitsandbytes packs 4-bit weights only on CPUs with AVX512-B
 LAYOUTS = ["standard", pytest.param("packed", marks=pytest.mark.skipif(not PACKING_CPU, reason=NO_PACKING_REASON))]
 
 
+def load_bnb(folder, settings: dict, **kwargs) -> torch.nn.Module:
+    """The checkpoint in ``folder`` loaded on the CPU with ``BitsAndBytesConfig(**settings)`` (load warnings muted)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=BitsAndBytesConfig(**settings), device_map="cpu", **kwargs
+        )
+
+
 def linear4bit_layers(model: torch.nn.Module) -> list[bnb.nn.Linear4bit]:
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 

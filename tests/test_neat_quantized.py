@@ -22,14 +22,14 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from neuroada_plugin import NeatConfig
 from neuroada_plugin.kit.quantized import dequantize_weight
 from neuroada_plugin.kit.quantized_write import reproduce_quantized
 from neuroada_plugin.neat import NeatLayer
 
-from bnb_layouts import dequantized_as_loaded, dequantized_as_packed, quantization_layouts, use_layout
+from bnb_layouts import dequantized_as_loaded, dequantized_as_packed, load_bnb, quantization_layouts, use_layout
 from tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,14 +58,7 @@ def full_precision_dir(tmp_path_factory) -> Path:
 
 
 def load_quantized(folder: Path, quantization: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(
-            folder,
-            quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[quantization]),
-            device_map="cpu",
-            dtype=torch.bfloat16,
-        )
+    return load_bnb(folder, QUANTIZATIONS[quantization], dtype=torch.bfloat16)
 
 
 def loaded_weights(model, packed_before_creation: bool = False) -> dict[str, torch.Tensor]:

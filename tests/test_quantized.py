@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -26,7 +25,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from neuroada_plugin import NeuroAdaConfig, NeuroAdaLayer
 from neuroada_plugin.errors import UnsupportedTargetError
@@ -41,6 +40,7 @@ from bnb_layouts import (
     dequantized_as_loaded,
     dequantized_as_packed,
     linear4bit_layers,
+    load_bnb,
     pack_by_eval_forward,
     quantization_layouts,
     use_layout,
@@ -73,11 +73,7 @@ def full_precision_dir(tmp_path_factory) -> Path:
 
 
 def load_quantized(folder: Path, quantization: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[quantization]), device_map="cpu"
-        )
+    return load_bnb(folder, QUANTIZATIONS[quantization])
 
 
 def neuroada_layers(model) -> dict[str, QuantizedLinear]:
