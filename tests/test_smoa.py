@@ -19,6 +19,7 @@ from neuroada_plugin import AdapterCheckpointError, SmoaConfig
 from neuroada_plugin.merge import merge_adapter_checkpoint
 from neuroada_plugin.smoa import functional
 from neuroada_plugin.smoa.functional import spectral_orders
+from neuroada_plugin.smoa.layer import SmoaLayer
 
 OUT, IN = 48, 40
 F64 = torch.float64
@@ -62,13 +63,33 @@ def dense_reference(layer, adapter: str = "default") -> torch.Tensor:
     return delta * layer.smoa_scaling[adapter]
 
 
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """Counts the forward passes that went through the fused ``base + update`` path (ModulatedLinear)."""
+    calls: list[int] = []
+    apply = functional.ModulatedLinear.apply
+
+    def counting(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(functional.ModulatedLinear, "apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["fused", "separate", "fused-chunked"])
 @pytest.mark.parametrize(
     "config",
     [dict(r=8, num_blocks=2), dict(r=6, num_blocks=3, alpha=3), dict(r=5, num_blocks=4, branch_ranks=[2, 0, 3, 0]),
      dict(r=4, num_blocks=1, alpha=16)],
     ids=["default", "k3", "uneven-ranks", "k1"],
 )  # fmt: skip
-def test_forward_and_every_gradient_equal_the_dense_formula(config):
+def test_forward_and_every_gradient_equal_the_dense_formula(config, path, fused_calls, monkeypatch):
+    """Both forward paths: ``base + update`` as one matmul (float64 here; row chunks of 5 rows in
+    ``fused-chunked``) and the base layer plus the separate update."""
+    monkeypatch.setattr(SmoaLayer, "fuse_with_base", path != "separate")
+    if path == "fused-chunked":
+        monkeypatch.setattr(functional, "_FUSED_CHUNK_ENTRIES", 5 * OUT)  # 5 rows of the wider (in = 48) layer
     model = smoa_model(**config)
     x = torch.randn(3, 7, IN, dtype=F64, requires_grad=True)
     y = model(x)
@@ -89,6 +110,7 @@ def test_forward_and_every_gradient_equal_the_dense_formula(config):
     assert len(grads) == len(ref_grads)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+    assert len(fused_calls) == (0 if path == "separate" else 2)  # both layers took the path asked for
 
 
 def test_with_one_block_it_is_peft_hira_times_alpha_over_r():
@@ -128,27 +150,87 @@ def saved_for_backward(fn) -> list[torch.Tensor]:
     return saved
 
 
-@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
-def test_no_weight_block_is_kept_for_backward(base_dtype):
-    """The largest tensors saved are the frozen weight itself (F.linear's) and activations; HiRA saves a dense dW."""
+@pytest.mark.parametrize(
+    "base_dtype, fuse", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
+    ids=["float32-fused", "float32-separate", "bfloat16"],
+)  # fmt: skip
+def test_no_weight_block_is_kept_for_backward(base_dtype, fuse, fused_calls, monkeypatch):
+    """Nothing weight- or block-sized is saved but the frozen weight itself (F.linear's, separate path; the
+    fused path saves not even that); HiRA saves a dense dW."""
+    monkeypatch.setattr(SmoaLayer, "fuse_with_base", fuse)
     model = smoa_model(base_dtype, r=4, num_blocks=2)
-    for name, param in model.named_parameters():
-        if "smoa_" in name:
-            param.data = param.data.float()  # PEFT's autocast_adapter_dtype: float32 adapter on a bf16 base
+    if base_dtype != torch.float32:
+        for name, param in model.named_parameters():
+            if "smoa_" in name:
+                param.data = param.data.float()  # PEFT's autocast_adapter_dtype: float32 adapter on a bf16 base
     layer = model.base_model.model.q_proj
     x = torch.randn(3, IN, dtype=base_dtype, requires_grad=True)  # 3 tokens: activations stay far below a block
     saved = saved_for_backward(lambda: layer(x).float().sum().backward())
     block = (OUT // 2) * (IN // 2)
     big = [t for t in saved if t.numel() >= block]
     weight = layer.get_base_layer().weight
-    assert big and all(t.data_ptr() == weight.data_ptr() and t.dtype == base_dtype for t in big), [
+    fused = fuse and base_dtype == torch.float32
+    assert len(fused_calls) == int(fused)  # bfloat16 keeps the separate path (kit/fused.py)
+    assert all(t.data_ptr() == weight.data_ptr() and t.dtype == base_dtype for t in big), [
         (tuple(t.shape), t.dtype) for t in big
     ]
+    assert len(big) == (0 if fused else 1)
     assert layer.smoa_A["default"].grad is not None and layer.smoa_B["default"].grad is not None
 
     hira = get_peft_model(TwoLayers(base_dtype), HiraConfig(r=2, target_modules=["q_proj"])).base_model.model.q_proj
     saved = saved_for_backward(lambda: hira(torch.randn(3, IN, dtype=base_dtype, requires_grad=True)).sum().backward())
     assert any(t.numel() >= OUT * IN and t.data_ptr() != hira.get_base_layer().weight.data_ptr() for t in saved)
+
+
+def _two_adapters(model: nn.Module) -> None:
+    model.add_adapter("other", SmoaConfig(target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+
+
+@pytest.mark.parametrize(
+    "case", ["bfloat16", "autocast", "dropout-training", "two-adapters", "trained-weight", "hooked-base", "tf32"]
+)
+def test_the_fused_path_is_not_taken_where_it_would_round_or_skip_something(case, fused_calls, monkeypatch):
+    """Rounding ``W0 + dW`` into bfloat16 (or under autocast / TF32) would drop small updates; dropout
+    applies to the update's input only; a hook on the base layer expects its forward to run."""
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    model = smoa_model(dtype, dropout=0.1 if case == "dropout-training" else 0.0)
+    layer = model.base_model.model.q_proj
+    x = torch.randn(2, 3, IN, dtype=dtype)
+    hook_calls = []
+    if case == "two-adapters":
+        _two_adapters(model)
+    elif case == "trained-weight":
+        layer.get_base_layer().weight.requires_grad_(True)
+    elif case == "hooked-base":
+        layer.get_base_layer().register_forward_hook(lambda *_: hook_calls.append(1))
+    elif case == "tf32":
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    model.train(case == "dropout-training")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        y = layer(x)
+        base = layer.get_base_layer()(x)
+    assert fused_calls == []
+    if case == "autocast":  # the update in float32 (it once raised here), the sum in autocast's bfloat16
+        update = x.double() @ dense_reference(layer).T
+        assert update.abs().max() > 0.1
+        torch.testing.assert_close(y.double(), base.double() + update, rtol=1e-2, atol=1e-2)
+    assert hook_calls == ([1] if case == "hooked-base" else [])
+
+
+def test_the_fused_path_equals_the_separate_one_in_float32(fused_calls, monkeypatch):
+    """Same numbers to float32 rounding (with bias, uneven ranks, eval-mode dropout) and the same gradients."""
+    model = smoa_model(torch.float32, r=5, num_blocks=3, branch_ranks=[3, 0, 2], dropout=0.2).eval()
+    x = torch.randn(4, 6, IN, requires_grad=True)
+    results = []
+    for fuse in (True, False):
+        monkeypatch.setattr(SmoaLayer, "fuse_with_base", fuse)
+        y = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((y, *torch.autograd.grad(y.sin().sum(), [x, *params])))
+    assert len(fused_calls) == 2
+    for fused, separate in zip(*results, strict=True):
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)
 
 
 def test_orderings_sort_rows_and_columns_by_spectral_centroid():

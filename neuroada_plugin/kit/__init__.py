@@ -6,6 +6,7 @@
   :mod:`.quantized_write`: a merged weight quantized back into such a layer, the exact restore, and the
   dequantized weight an adapter trained against, reproduced from the full-precision original.
 * :mod:`.fingerprint`: the base-weight fingerprint every adapter records (wrong-base detection).
+* :mod:`.fused`: when a layer may fold its update into a transient copy of the weight and do one matmul.
 * :mod:`.weight_product`: ``a @ W0`` for weight-function methods, reading W0 through the layer in forward
   and again in backward (gathered under ZeRO-3), never keeping it in between.
 

@@ -6,6 +6,8 @@ present for every adapter) and ``other_param_names``, and writes:
 * ``update_layer(adapter_name, config, module_name="")``: create the adapter's tensors (and call
   :meth:`MethodLayer.record_fingerprint`);
 * ``adapter_output(x, adapter_name)``: what the adapter adds to the base layer's output;
+* optionally ``fused_output(x, adapter_name)``: ``base(x) + adapter(x)`` in one pass where that is cheaper
+  and computes the same (see :mod:`.fused`), else ``None``;
 * ``check_merge_values(adapter_names)``, ``merge_into_weight(adapter_names)``, ``unmerge_from_weight()``:
   its merge arithmetic (:func:`~.merge_checks.checked_finite` refuses NaN/inf with one error type).
 
@@ -58,6 +60,8 @@ class MethodLayer(nn.Module, BaseTunerLayer):
     """Base of every method's tuner layer (see the module docstring)."""
 
     method_name: ClassVar[str] = ""
+    # Whether the forward may use a method's ``fused_output`` (tests set it False to check the separate path).
+    fuse_with_base: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         nn.Module.__init__(self)
@@ -100,6 +104,13 @@ class MethodLayer(nn.Module, BaseTunerLayer):
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """``base(x) + adapter_output(x)`` computed together, or ``None`` where this method cannot (default).
+
+        Called only with one active adapter, unmerged, and no extra forward arguments.
+        """
+        return None
+
     def check_weight_for_forward(self) -> None:
         """Raise before the forward when the adapters cannot run on the base weight as it is now (default: they can)."""
 
@@ -129,6 +140,11 @@ class MethodLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if not self.merged:
             self.check_weight_for_forward()
+            active = [name for name in self.active_adapters if self.has_adapter(name)]
+            if self.fuse_with_base and len(active) == 1 and not args and not kwargs:
+                fused = self.fused_output(x, active[0])
+                if fused is not None:
+                    return fused
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

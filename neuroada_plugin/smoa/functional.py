@@ -9,6 +9,9 @@ adds ``dW[R_k, C_k] = s * (B_k @ A_k) * W0[R_k, C_k]`` (element-wise); ``dW`` is
 The layer never keeps a weight-sized tensor: :class:`BlockModulatedDelta` builds each block's
 ``(B_k A_k) * W0[R_k, C_k]`` (``out * in / K^2`` entries) for one matmul, drops it, and rebuilds it
 in the backward pass from the frozen weight, which it reads again rather than saving.
+:class:`ModulatedLinear` computes ``base(x) + dW x`` at once where that is exact (``kit/fused.py``):
+a few rows of ``W0 + dW`` at a time, in the blocks' order, so the update costs no matmul of its own
+in the forward or in the input gradient.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "Block",
     "BlockLayout",
     "BlockModulatedDelta",
+    "ModulatedLinear",
     "block_ranks",
     "check_order",
     "delta_weight",
@@ -87,12 +91,12 @@ class BlockLayout:
         return sum(n * r for n, r in zip(self.row_sizes, self.ranks, strict=True))
 
     def blocks(
-        self, a_flat: torch.Tensor, b_flat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+        self, a_flat: torch.Tensor, b_flat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, with_empty: bool = False
     ) -> Iterator[Block]:
-        """Every block with a non-zero rank (its factors are views of the flat tensors, not copies)."""
+        """Every block with a non-zero rank, or every block with ``with_empty`` (factors: views, not copies)."""
         a_at = b_at = row_at = col_at = 0
         for n_rows, n_cols, rank in zip(self.row_sizes, self.col_sizes, self.ranks, strict=True):
-            if rank > 0:
+            if rank > 0 or with_empty:
                 a = a_flat[a_at : a_at + rank * n_cols].view(rank, n_cols)
                 b = b_flat[b_at : b_at + n_rows * rank].view(n_rows, rank)
                 yield Block(
@@ -174,7 +178,8 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 class BlockModulatedDelta(torch.autograd.Function):
     """``dW x`` without the scale ``s``: ``[..., in] -> [..., out]``, in ``a_flat``'s dtype.
 
-    Saves ``x``, the flat factors and the orderings; the frozen weight is read through ``read_weight``
+    Computes in ``a_flat``'s dtype under autocast as well (as the CSR bypass of NeuroAda does). Saves
+    ``x``, the flat factors and the orderings; the frozen weight is read through ``read_weight``
     (a context manager yielding the full ``[out, in]`` weight) in the forward and again in the backward.
     Activations are permuted once into the blocks' order and transposed (``[features, tokens]``), so
     every block reads and writes contiguous rows; one gather puts the result back in natural order.
@@ -194,7 +199,8 @@ class BlockModulatedDelta(torch.autograd.Function):
         dtype, out_features = a_flat.dtype, rows.shape[0]
         x_t = x.reshape(-1, x.shape[-1]).t().index_select(0, cols).to(dtype)  # [in (block order), tokens]
         y_t = x_t.new_zeros(out_features, x_t.shape[1])  # [out (block order), tokens]
-        with read_weight() as weight:
+        # In the adapter's dtype under autocast too: autocast would give the matmuls another output dtype.
+        with torch.autocast(x.device.type, enabled=False), read_weight() as weight:
             for blk in layout.blocks(a_flat, b_flat.to(dtype), rows, cols):
                 block = (blk.b @ blk.a).mul_(_block_of(weight, blk.rows, blk.cols, dtype))  # (B_k A_k) * W0[R_k, C_k]
                 row_at, col_at = blk.row_at, blk.col_at
@@ -215,7 +221,7 @@ class BlockModulatedDelta(torch.autograd.Function):
         grad_x_t = torch.zeros_like(x_t) if need_x else None
         grad_a = torch.zeros_like(a_flat) if need_a else None
         grad_b = torch.zeros_like(b_compute) if need_b else None
-        with ctx.read_weight() as weight:
+        with torch.autocast(x.device.type, enabled=False), ctx.read_weight() as weight:
             for blk in ctx.layout.blocks(a_flat, b_compute, rows, cols):
                 anchor = _block_of(weight, blk.rows, blk.cols, dtype)
                 row_at, col_at = blk.row_at, blk.col_at
@@ -236,6 +242,101 @@ class BlockModulatedDelta(torch.autograd.Function):
         if grad_x_t is not None:
             grad_x = grad_x_t.index_select(0, _inverse(cols)).t().contiguous().view(x.shape).to(x.dtype)
         return grad_x, grad_a, None if grad_b is None else grad_b.to(b_flat.dtype), None, None, None, None
+
+
+# Rows of ``W0 + dW`` built at a time by ModulatedLinear: bounds its transient to 16 MiB of float32
+# (a 11008 x 4096 projection: ~1000 rows per chunk) while keeping each matmul large.
+_FUSED_CHUNK_ENTRIES = 1 << 22
+
+
+def _row_chunks(blk: Block, in_features: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges within block ``blk`` (at least one row each, ~_FUSED_CHUNK_ENTRIES entries)."""
+    n_rows = blk.rows.numel()
+    step = max(1, _FUSED_CHUNK_ENTRIES // max(1, in_features))
+    for start in range(0, n_rows, step):
+        yield start, min(start + step, n_rows)
+
+
+def _modulated_rows(weight: torch.Tensor, blk: Block, start: int, stop: int, cols: torch.Tensor) -> torch.Tensor:
+    """Rows ``start:stop`` of block ``blk``'s row group of ``W0``, all columns in block order: ``[stop - start, in]``."""
+    return weight.index_select(0, blk.rows[start:stop]).index_select(1, cols)
+
+
+class ModulatedLinear(torch.autograd.Function):
+    """``x @ (W0 + s dW).T`` (no bias), ``dW`` as :class:`BlockModulatedDelta`'s: one matmul per row chunk.
+
+    For a frozen plain linear weight in float32 (full-precision matmuls) or float64 only: the update is
+    rounded into the weight (``kit/fused.py`` says when that is exact). Saves what
+    :class:`BlockModulatedDelta` saves; each chunk of ``W0 + s dW`` is rebuilt from the frozen weight in
+    the backward pass. Per step the update costs one block-sized matmul (its factors' gradient) instead of
+    three.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        a_flat: torch.Tensor,
+        b_flat: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        layout: BlockLayout,
+        scaling: float,
+        read_weight: WeightReader,
+    ) -> torch.Tensor:
+        out_features, in_features = rows.shape[0], cols.shape[0]
+        x_t = x.reshape(-1, in_features).t().index_select(0, cols)  # [in (block order), tokens]
+        y_t = x_t.new_empty(out_features, x_t.shape[1])  # [out (block order), tokens]
+        with read_weight() as weight:
+            for blk in layout.blocks(a_flat, b_flat, rows, cols, with_empty=True):
+                col_at, col_to = blk.col_at, blk.col_at + blk.cols.numel()
+                for start, stop in _row_chunks(blk, in_features):
+                    chunk = _modulated_rows(weight, blk, start, stop, cols)
+                    if blk.a.numel():
+                        modulation = (blk.b[start:stop] @ blk.a).mul_(scaling).add_(1.0)
+                        chunk[:, col_at:col_to].mul_(modulation)  # W0 (1 + s B A) on the block
+                        del modulation
+                    torch.mm(chunk, x_t, out=y_t[blk.row_at + start : blk.row_at + stop])
+                    del chunk
+        ctx.save_for_backward(x, a_flat, b_flat, rows, cols)
+        ctx.layout, ctx.scaling, ctx.read_weight = layout, scaling, read_weight
+        return y_t.index_select(0, _inverse(rows)).t().contiguous().view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, a_flat, b_flat, rows, cols = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        scaling, in_features = ctx.scaling, cols.shape[0]
+        x_t = x.reshape(-1, in_features).t().index_select(0, cols)
+        grad_t = grad.reshape(-1, grad.shape[-1]).t().index_select(0, rows)  # [out (block order), tokens]
+        grad_x_t = torch.zeros_like(x_t) if need_x else None
+        grad_a = torch.zeros_like(a_flat) if need_a else None
+        grad_b = torch.zeros_like(b_flat) if need_b else None
+        with ctx.read_weight() as weight:
+            for blk in ctx.layout.blocks(a_flat, b_flat, rows, cols, with_empty=True):
+                col_at, col_to = blk.col_at, blk.col_at + blk.cols.numel()
+                grad_a_k = None if grad_a is None else grad_a[blk.a_at : blk.a_at + blk.a.numel()].view_as(blk.a)
+                grad_b_k = None if grad_b is None else grad_b[blk.b_at : blk.b_at + blk.b.numel()].view_as(blk.b)
+                for start, stop in _row_chunks(blk, in_features):
+                    chunk = _modulated_rows(weight, blk, start, stop, cols)
+                    block = chunk[:, col_at:col_to]  # W0 on the block, for now
+                    grad_k = grad_t[blk.row_at + start : blk.row_at + stop]  # [chunk rows, tokens]
+                    if blk.a.numel() and (need_a or need_b):
+                        grad_product = (grad_k @ x_t[col_at:col_to].T).mul_(block).mul_(scaling)  # d/d(B_k A_k)
+                        if grad_a_k is not None:
+                            grad_a_k.addmm_(blk.b[start:stop].T, grad_product)
+                        if grad_b_k is not None:
+                            torch.mm(grad_product, blk.a.T, out=grad_b_k[start:stop])
+                        del grad_product
+                    if grad_x_t is not None:
+                        if blk.a.numel():
+                            block.mul_((blk.b[start:stop] @ blk.a).mul_(scaling).add_(1.0))
+                        grad_x_t.addmm_(chunk.T, grad_k)
+                    del chunk, block
+        grad_x = None
+        if grad_x_t is not None:
+            grad_x = grad_x_t.index_select(0, _inverse(cols)).t().contiguous().view(x.shape)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ merge

@@ -11,9 +11,10 @@ from torch import nn
 
 from ..errors import AdapterCheckpointError
 from ..kit.fingerprint import not_recorded, weight_fingerprint
+from ..kit.fused import exact_fused_dtype, plain_linear
 from ..kit.layer import WeightFunctionLayer
 from .config import SmoaConfig
-from .functional import BlockLayout, BlockModulatedDelta, check_order, merged_weight, spectral_orders
+from .functional import BlockLayout, BlockModulatedDelta, ModulatedLinear, check_order, merged_weight, spectral_orders
 from .functional import delta_weight as dense_delta
 
 
@@ -110,6 +111,20 @@ class SmoaLayer(WeightFunctionLayer):
         a, b = self.smoa_A[adapter_name], self.smoa_B[adapter_name]
         delta = BlockModulatedDelta.apply(x, a, b, rows, cols, self.smoa_layout[adapter_name], self.read_weight)
         return delta * self.smoa_scaling[adapter_name]
+
+    def fused_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """``base(x) + adapter(x)`` as one matmul per row chunk of ``W0 + dW`` (see ``kit/fused.py``): in float32
+        and float64 on a plain frozen ``nn.Linear``, without dropout; ``None`` (the separate path) otherwise."""
+        base = self.get_base_layer()
+        a, b = self.smoa_A[adapter_name], self.smoa_B[adapter_name]
+        if self.training and self.smoa_dropout[adapter_name] > 0:
+            return None  # the update reads dropout(x), the base x
+        if not plain_linear(base) or b.dtype != a.dtype or not exact_fused_dtype(base.weight, x, a.dtype):
+            return None
+        rows, cols = self._orders(adapter_name)
+        layout, scaling = self.smoa_layout[adapter_name], self.smoa_scaling[adapter_name]
+        result = ModulatedLinear.apply(x, a, b, rows, cols, layout, scaling, self.read_weight)
+        return result if base.bias is None else result + base.bias
 
     # ---------------------------------------------------------------------------- merge
 
