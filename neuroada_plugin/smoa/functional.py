@@ -257,6 +257,11 @@ def _row_chunks(blk: Block, in_features: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, n_rows)
 
 
+def _modulation(b_rows: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``1 + s * (B_k[rows] @ A_k)`` in one addmm (the broadcast 1 is added in the same pass)."""
+    return torch.addmm(a.new_ones(()), b_rows, a, alpha=scaling)
+
+
 def _modulated_rows(weight: torch.Tensor, blk: Block, start: int, stop: int, cols: torch.Tensor) -> torch.Tensor:
     """Rows ``start:stop`` of block ``blk``'s row group of ``W0``, all columns in block order: ``[stop - start, in]``."""
     return weight.index_select(0, blk.rows[start:stop]).index_select(1, cols)
@@ -293,9 +298,7 @@ class ModulatedLinear(torch.autograd.Function):
                 for start, stop in _row_chunks(blk, in_features):
                     chunk = _modulated_rows(weight, blk, start, stop, cols)
                     if blk.a.numel():
-                        modulation = (blk.b[start:stop] @ blk.a).mul_(scaling).add_(1.0)
-                        chunk[:, col_at:col_to].mul_(modulation)  # W0 (1 + s B A) on the block
-                        del modulation
+                        chunk[:, col_at:col_to].mul_(_modulation(blk.b[start:stop], blk.a, scaling))  # W0 (1 + s B A)
                     torch.mm(chunk, x_t, out=y_t[blk.row_at + start : blk.row_at + stop])
                     del chunk
         ctx.save_for_backward(x, a_flat, b_flat, rows, cols)
@@ -330,7 +333,7 @@ class ModulatedLinear(torch.autograd.Function):
                         del grad_product
                     if grad_x_t is not None:
                         if blk.a.numel():
-                            block.mul_((blk.b[start:stop] @ blk.a).mul_(scaling).add_(1.0))
+                            block.mul_(_modulation(blk.b[start:stop], blk.a, scaling))
                         grad_x_t.addmm_(chunk.T, grad_k)
                     del chunk, block
         grad_x = None
