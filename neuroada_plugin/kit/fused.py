@@ -33,9 +33,17 @@ def plain_linear(base: nn.Module) -> bool:
 
 
 def _full_precision_float32_matmul(device: torch.device) -> bool:
-    if torch.get_float32_matmul_precision() != "highest":
+    """float32 matmuls on ``device`` run in IEEE float32 (no TF32, no bf16 passes), by either of torch's APIs."""
+    backend = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}.get(device.type)
+    precision = getattr(backend, "fp32_precision", "none")  # the new API; "none": not set, the legacy one decides
+    if precision != "none":
+        return precision == "ieee"
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+        return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # both APIs were used (torch refuses to answer): assume reduced precision
         return False
-    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
 def exact_fused_dtype(weight: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype) -> bool:
