@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_multi_check.sh [num_gpus]      # default 2; ~5 min on 2 GPUs
 #
-# 1. The CPU multi-process tests (gloo) still pass on this machine.
+# 1. The CPU multi-process tests (gloo) still pass on this machine; the op tests that take
+#    `--device` (tests/test_smoa.py: fused and separate paths vs the float64 formula) pass on CUDA.
 # 2. examples/trl/sft.py (SmolLM2-135M, 8 steps, bf16) under accelerate with ZeRO-3, FSDP2
 #    (cpu_ram_efficient_loading) and DDP, each with NCCL on the GPUs.
 # 3. Each saved adapter is complete (theta and indices of every layer, full shapes) and its
@@ -20,6 +21,7 @@ export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "[gpu-check] CPU multi-process tests"
 "$PY" -m pytest -q tests/test_distributed_zero3.py tests/test_distributed_ddp_fsdp.py tests/test_distributed_qlora.py \
   tests/test_distributed_trl.py
+"$PY" -m pytest -q tests/test_smoa.py --device cuda
 
 for kind in zero3 fsdp2 ddp; do
   echo "[gpu-check] examples/trl/sft.py under accelerate ($kind, $NGPU GPUs)"

@@ -26,6 +26,33 @@ if os.environ.get("NEUROADA_TEST_NO_BNB_CPU_PACKING") == "1":
     bitsandbytes.functional.has_avx512bf16 = bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="Device for the tests that take the `device` fixture (the ops' own tests, e.g. tests/test_smoa.py): "
+        "cpu (default) or cuda, to check the CUDA paths of the same ops against the same references.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    chosen = torch.device(config.getoption("--device"))
+    if chosen.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device {chosen}: the op tests run on cpu or cuda (cuda:N).")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda was given, but torch sees no CUDA device on this machine.")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest):
+    """The ``--device`` the op tests run on (checked in pytest_configure: a missing GPU is an error, not a skip)."""
+    import torch
+
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from harness.models import smollm2_checkpoint

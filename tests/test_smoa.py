@@ -50,11 +50,12 @@ def dense_reference(layer, adapter: str = "default") -> torch.Tensor:
     rows, cols = layer.smoa_rows[adapter], layer.smoa_cols[adapter]
     layout = layer.smoa_layout[adapter]
     a_flat, b_flat = layer.smoa_A[adapter].to(F64), layer.smoa_B[adapter].to(F64)
-    delta = torch.zeros(out_features, in_features, dtype=F64)
+    eye = {"dtype": F64, "device": weight.device}
+    delta = torch.zeros(out_features, in_features, **eye)
     row_at = col_at = a_at = b_at = 0
     for n_rows, n_cols, rank in zip(layout.row_sizes, layout.col_sizes, layout.ranks, strict=True):
-        select_rows = torch.eye(out_features, dtype=F64)[rows[row_at : row_at + n_rows]]  # [n_rows, out]
-        select_cols = torch.eye(in_features, dtype=F64)[cols[col_at : col_at + n_cols]]  # [n_cols, in]
+        select_rows = torch.eye(out_features, **eye)[rows[row_at : row_at + n_rows]]  # [n_rows, out]
+        select_cols = torch.eye(in_features, **eye)[cols[col_at : col_at + n_cols]]  # [n_cols, in]
         a = a_flat[a_at : a_at + rank * n_cols].reshape(rank, n_cols)
         b = b_flat[b_at : b_at + n_rows * rank].reshape(n_rows, rank)
         anchor = select_rows @ weight @ select_cols.T
@@ -84,14 +85,14 @@ def fused_calls(monkeypatch) -> list[int]:
      dict(r=4, num_blocks=1, alpha=16)],
     ids=["default", "k3", "uneven-ranks", "k1"],
 )  # fmt: skip
-def test_forward_and_every_gradient_equal_the_dense_formula(config, path, fused_calls, monkeypatch):
+def test_forward_and_every_gradient_equal_the_dense_formula(config, path, fused_calls, monkeypatch, device):
     """Both forward paths: ``base + update`` as one matmul (float64 here; row chunks of 5 rows in
-    ``fused-chunked``) and the base layer plus the separate update."""
+    ``fused-chunked``) and the base layer plus the separate update. ``--device cuda`` runs it on a GPU."""
     monkeypatch.setattr(SmoaLayer, "fuse_with_base", path != "separate")
     if path == "fused-chunked":
         monkeypatch.setattr(functional, "_FUSED_CHUNK_ENTRIES", 5 * OUT)  # 5 rows of the wider (in = 48) layer
-    model = smoa_model(**config)
-    x = torch.randn(3, 7, IN, dtype=F64, requires_grad=True)
+    model = smoa_model(**config).to(device)
+    x = torch.randn(3, 7, IN, dtype=F64, device=device, requires_grad=True)
     y = model(x)
     grads = torch.autograd.grad(y.square().sum(), [x, *[p for p in model.parameters() if p.requires_grad]])
 
@@ -225,10 +226,10 @@ def test_the_fused_path_is_not_taken_where_it_would_round_or_skip_something(case
         torch.testing.assert_close(y.double(), base.double() + update, rtol=1e-2, atol=1e-2)
 
 
-def test_the_fused_path_equals_the_separate_one_in_float32(fused_calls, monkeypatch):
+def test_the_fused_path_equals_the_separate_one_in_float32(fused_calls, monkeypatch, device):
     """Same numbers to float32 rounding (with bias, uneven ranks, eval-mode dropout) and the same gradients."""
-    model = smoa_model(torch.float32, r=5, num_blocks=3, branch_ranks=[3, 0, 2], dropout=0.2).eval()
-    x = torch.randn(4, 6, IN, requires_grad=True)
+    model = smoa_model(torch.float32, r=5, num_blocks=3, branch_ranks=[3, 0, 2], dropout=0.2).eval().to(device)
+    x = torch.randn(4, 6, IN, device=device, requires_grad=True)
     results = []
     for fuse in (True, False):
         monkeypatch.setattr(SmoaLayer, "fuse_with_base", fuse)
