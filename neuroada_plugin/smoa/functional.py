@@ -175,6 +175,16 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
+def _to_block_order(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``[..., n]`` activations as ``[n (in ``order``), tokens]``: every block then reads contiguous rows."""
+    return t.reshape(-1, t.shape[-1]).t().index_select(0, order)
+
+
+def _from_block_order(t_t: torch.Tensor, order: torch.Tensor, leading: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_to_block_order`: ``[n (in ``order``), tokens]`` back to ``[*leading, n]``."""
+    return t_t.index_select(0, _inverse(order)).t().contiguous().view(*leading, order.numel())
+
+
 class BlockModulatedDelta(torch.autograd.Function):
     """``dW x`` without the scale ``s``: ``[..., in] -> [..., out]``, in ``a_flat``'s dtype.
 
@@ -197,7 +207,7 @@ class BlockModulatedDelta(torch.autograd.Function):
         read_weight: WeightReader,
     ) -> torch.Tensor:
         dtype, out_features = a_flat.dtype, rows.shape[0]
-        x_t = x.reshape(-1, x.shape[-1]).t().index_select(0, cols).to(dtype)  # [in (block order), tokens]
+        x_t = _to_block_order(x, cols).to(dtype)  # [in (block order), tokens]
         y_t = x_t.new_zeros(out_features, x_t.shape[1])  # [out (block order), tokens]
         # In the adapter's dtype under autocast too: autocast would give the matmuls another output dtype.
         with torch.autocast(x.device.type, enabled=False), read_weight() as weight:
@@ -208,15 +218,15 @@ class BlockModulatedDelta(torch.autograd.Function):
                 del block
         ctx.save_for_backward(x, a_flat, b_flat, rows, cols)
         ctx.layout, ctx.read_weight = layout, read_weight
-        return y_t.index_select(0, _inverse(rows)).t().contiguous().view(*x.shape[:-1], out_features)
+        return _from_block_order(y_t, rows, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, a_flat, b_flat, rows, cols = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         dtype = a_flat.dtype
-        x_t = x.reshape(-1, x.shape[-1]).t().index_select(0, cols).to(dtype)
-        grad_t = grad.reshape(-1, grad.shape[-1]).t().index_select(0, rows).to(dtype)  # [out (block order), tokens]
+        x_t = _to_block_order(x, cols).to(dtype)
+        grad_t = _to_block_order(grad, rows).to(dtype)  # [out (block order), tokens]
         b_compute = b_flat.to(dtype)
         grad_x_t = torch.zeros_like(x_t) if need_x else None
         grad_a = torch.zeros_like(a_flat) if need_a else None
@@ -240,7 +250,7 @@ class BlockModulatedDelta(torch.autograd.Function):
                 del anchor
         grad_x = None
         if grad_x_t is not None:
-            grad_x = grad_x_t.index_select(0, _inverse(cols)).t().contiguous().view(x.shape).to(x.dtype)
+            grad_x = _from_block_order(grad_x_t, cols, x.shape[:-1]).to(x.dtype)
         return grad_x, grad_a, None if grad_b is None else grad_b.to(b_flat.dtype), None, None, None, None
 
 
@@ -290,7 +300,7 @@ class ModulatedLinear(torch.autograd.Function):
         read_weight: WeightReader,
     ) -> torch.Tensor:
         out_features, in_features = rows.shape[0], cols.shape[0]
-        x_t = x.reshape(-1, in_features).t().index_select(0, cols)  # [in (block order), tokens]
+        x_t = _to_block_order(x, cols)  # [in (block order), tokens]
         y_t = x_t.new_empty(out_features, x_t.shape[1])  # [out (block order), tokens]
         with read_weight() as weight:
             for blk in layout.blocks(a_flat, b_flat, rows, cols, with_empty=True):
@@ -303,15 +313,15 @@ class ModulatedLinear(torch.autograd.Function):
                     del chunk
         ctx.save_for_backward(x, a_flat, b_flat, rows, cols)
         ctx.layout, ctx.scaling, ctx.read_weight = layout, scaling, read_weight
-        return y_t.index_select(0, _inverse(rows)).t().contiguous().view(*x.shape[:-1], out_features)
+        return _from_block_order(y_t, rows, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, a_flat, b_flat, rows, cols = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         scaling, in_features = ctx.scaling, cols.shape[0]
-        x_t = x.reshape(-1, in_features).t().index_select(0, cols)
-        grad_t = grad.reshape(-1, grad.shape[-1]).t().index_select(0, rows)  # [out (block order), tokens]
+        x_t = _to_block_order(x, cols)
+        grad_t = _to_block_order(grad, rows)  # [out (block order), tokens]
         grad_x_t = torch.zeros_like(x_t) if need_x else None
         grad_a = torch.zeros_like(a_flat) if need_a else None
         grad_b = torch.zeros_like(b_flat) if need_b else None
@@ -338,7 +348,7 @@ class ModulatedLinear(torch.autograd.Function):
                     del chunk, block
         grad_x = None
         if grad_x_t is not None:
-            grad_x = grad_x_t.index_select(0, _inverse(cols)).t().contiguous().view(x.shape)
+            grad_x = _from_block_order(grad_x_t, cols, x.shape[:-1])
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
