@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 from peft import PeftConfig, PeftModel, get_peft_model
@@ -25,6 +26,23 @@ from .validation import ValidatedMethodArgs, cfg_get, peft_config_from_cfg
 __all__ = ["MethodArgs", "MethodsPlugin"]
 
 LOG = get_logger(__name__)
+
+# transformers.TrainingArguments' seed when the YAML sets none: the trainer seeds everything with it.
+_TRAINER_DEFAULT_SEED = 42
+
+
+def seed_adapter_init(cfg: Any) -> int:
+    """Seed torch's generators with the run's ``seed`` before a new adapter draws its random tensors.
+
+    Axolotl seeds only when the trainer is built, after the adapter exists, so a method with a random
+    init (NEAT's ``A``, SMoA's factors) drew it from whatever state the generators were left in by
+    loading: ``seed: 0`` did not reproduce a run, and the same YAML trained differently each time.
+    Returns the seed used (the YAML's, else the trainer's default, which is the one it will use).
+    """
+    seed = cfg_get(cfg, "seed")
+    seed = _TRAINER_DEFAULT_SEED if seed is None else int(seed)
+    torch.manual_seed(seed)
+    return seed
 
 
 class _PluginArgsBase(ValidatedMethodArgs, SafeArgs):
@@ -139,6 +157,7 @@ class MethodsPlugin(BasePlugin):
             peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=not inference)
         else:
             config = peft_config_from_cfg(spec, cfg, model)
+            seed_adapter_init(cfg)  # RL: TRL creates the adapter next, from this state
             if config_only:
                 return None, config
             peft_model = get_peft_model(model, config)
