@@ -47,7 +47,9 @@ SMOA_KEYS: dict[str, Any] = {
     "adapter": "smoa",
     "neuroada_top_k": None,  # the CI config is NeuroAda's; drop its key
     **{f"smoa_{key}": value for key, value in SMOA.items()},
-    "learning_rate": 0.05,
+    # At 0.05 the 8 steps lowered the answer loss by only 0.056-0.085 over seeds 0-3, next to the test's 0.05
+    # threshold; 0.1 gives 0.16-0.21 with smoothly falling step losses.
+    "learning_rate": 0.1,
 }
 
 
