@@ -17,7 +17,7 @@ from torch import nn
 
 from .bnb_cpu_layout import standard_4bit_state
 
-__all__ = ["SUPPORTED_QUANTIZED_LAYERS", "bnb_layer_kind", "dequantize_weight", "quantization_settings", "record_base_quantization", "recorded_quantization"]
+__all__ = ["SUPPORTED_QUANTIZED_LAYERS", "bnb_layer_kind", "dequantize_int8", "dequantize_weight", "quantization_settings", "record_base_quantization", "recorded_quantization"]
 
 # Quantized layer kinds a method may adapt, as named in MethodSpec.quantized_layers and in messages.
 SUPPORTED_QUANTIZED_LAYERS = {
@@ -49,6 +49,20 @@ def _int8_scales(layer: nn.Module) -> torch.Tensor | None:
     return scales
 
 
+def dequantize_int8(layer: nn.Module, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """``int8 * scales / 127`` per row in float32, or a copy of a weight bitsandbytes keeps in floating point.
+
+    ``weight`` is ``layer``'s int8 weight now or one it had (a merge's snapshot); ``layer`` names the error.
+    """
+    import bitsandbytes as bnb
+
+    if weight.dtype.is_floating_point:
+        return weight.data.clone()
+    if scales is None:
+        raise RuntimeError(f"{type(layer).__name__}: int8 weight without row scales (SCB); cannot dequantize it.")
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
+
+
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The ``[out, in]`` floating-point weight a bitsandbytes layer computes with (a new tensor).
 
@@ -70,12 +84,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
             return weight.data.clone()
         return bnb.functional.dequantize_4bit(*standard_4bit_state(weight))
     if kind == "bnb_8bit":
-        if weight.dtype.is_floating_point:
-            return weight.data.clone()
-        scales = _int8_scales(layer)
-        if scales is None:
-            raise RuntimeError(f"{type(layer).__name__}: int8 weight without row scales (SCB); cannot dequantize it.")
-        return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
+        return dequantize_int8(layer, weight, _int8_scales(layer))
     raise TypeError(f"{type(layer).__name__} is not a bitsandbytes Linear4bit/Linear8bitLt layer.")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .bnb_cpu_layout import standard_4bit_state
-from .quantized import bnb_layer_kind
+from .quantized import bnb_layer_kind, dequantize_int8
 
 __all__ = ["dequantize_snapshot", "quantized_snapshot", "reproduce_quantized", "restore_quantized", "set_quantized"]
 
@@ -39,10 +39,7 @@ def dequantize_snapshot(layer: nn.Module, snapshot: Any) -> torch.Tensor:
     if bnb_layer_kind(layer) == "bnb_4bit":
         return bnb.functional.dequantize_4bit(*standard_4bit_state(snapshot))
     weight, _, scales = snapshot
-    if weight.dtype.is_floating_point:
-        return weight.data.clone()
-    scales = scales if scales is not None else getattr(weight, "SCB", None)
-    return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
+    return dequantize_int8(layer, weight, scales if scales is not None else getattr(weight, "SCB", None))
 
 
 def set_quantized(layer: nn.Module, dense: torch.Tensor) -> None:
