@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .registry import MethodSpec
 
-__all__ = ["CAPABILITIES", "Capability", "capability_row", "markdown_table"]
+__all__ = ["CAPABILITIES", "Capability", "capability_legend", "capability_row", "markdown_table"]
 
 
 def _always(spec: MethodSpec) -> bool:
@@ -52,7 +52,7 @@ def _vllm(spec: MethodSpec) -> bool:
 
 @dataclass(frozen=True)
 class Capability:
-    """One column: its key (as in ``MethodSpec.untested``), its title and its rule over a spec."""
+    """One column: its key (as in ``MethodSpec.untested``), its title, its rule over a spec and what it covers."""
 
     key: str
     title: str
@@ -104,4 +104,15 @@ def markdown_table(specs: Iterable[MethodSpec]) -> str:
     for spec in specs:
         row = capability_row(spec)
         lines.append("| " + " | ".join([spec.display_name, *(row[c.key] for c in CAPABILITIES)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def capability_legend() -> str:
+    """What each column of :func:`markdown_table` covers and what its cells mean (``methods --help`` prints it)."""
+    width = max(len(c.title) for c in CAPABILITIES)
+    lines = ["Columns of --table:", *(f"  {c.title:<{width}}  {c.meaning}" for c in CAPABILITIES)]
+    lines += [
+        "Cells: yes = accepted and exercised by a test of this repository; no = refused with an error when the",
+        "configuration is read; untested = accepted, but no test exercises it yet.",
+    ]
     return "\n".join(lines) + "\n"

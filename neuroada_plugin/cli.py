@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
+from .capabilities import capability_legend
 from .cli_exit import run_command, stderr_log
 from .merge.cli import add_allow_base_mismatch, add_merge_arguments, merge_help, run_merge
 from .merge.cli import main as merge_main
@@ -77,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_run_verify, error_prog=f"{PROG} verify")
 
     listing = commands.add_parser(
-        "methods", help="List the registered methods.", description="List the registered methods and their flags."
+        "methods",
+        help="List the registered methods.",
+        description="List the registered methods and their flags.",
+        epilog=capability_legend(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     output = listing.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="Print a JSON list instead of a table.")

@@ -130,6 +130,17 @@ def test_readme_table_is_the_generated_one(capsys):
         assert line in printed.splitlines()
 
 
+def test_methods_help_explains_every_column_and_cell(capsys):
+    with pytest.raises(SystemExit) as exited:
+        plugin_main(["methods", "--help"])
+    assert exited.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())  # argparse may rewrap; compare word sequences
+    for capability in CAPABILITIES:
+        assert " ".join(f"{capability.title} {capability.meaning}".split()) in printed, capability.key
+    for cell in ("yes =", "no =", "untested ="):
+        assert cell in printed
+
+
 def test_every_column_is_a_known_capability_and_every_row_complete():
     keys = [c.key for c in CAPABILITIES]
     assert len(keys) == len(set(keys)) == 15
