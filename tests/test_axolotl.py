@@ -209,6 +209,20 @@ def _answer_loss(model, tokenizer, questions) -> float:
     return total / count
 
 
+# How much the tiny CI runs must lower the answer loss (from ~10.77). The learning rates are chosen so that the
+# drop is several times this: NeuroAda 0.21-0.26, NEAT ~0.25, SMoA 0.16-0.21 over seeds 0-3 on an AMD EPYC
+# (NeFT 0.29, seed 0), far from where another CPU's rounding could move it across.
+MIN_ANSWER_LOSS_DROP = 0.05
+
+
+def assert_answer_loss_dropped(base_model, trained_model, tokenizer, questions, label: str) -> None:
+    """Training lowered the answer loss it optimised, measured here (not read from axolotl's log)."""
+    before = _answer_loss(base_model, tokenizer, questions)
+    after = _answer_loss(trained_model, tokenizer, questions)
+    print(f"answer loss on the training rows: base {before:.4f} -> {label} {after:.4f}")
+    assert after < before - MIN_ANSWER_LOSS_DROP, (label, before, after)
+
+
 def _check_adapter_output(
     output_dir: Path, base: dict[str, torch.Tensor]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -271,12 +285,8 @@ def test_sft_adapter_loads_with_dense_reference_logits_and_lower_loss(
         got, want = peft_model(input_ids=ids).logits, reference(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-    # Training lowered the answer loss it optimised (measured here, not read from axolotl's log).
     base_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    before = _answer_loss(base_model, tokenizer, train_questions)
-    after = _answer_loss(peft_model, tokenizer, train_questions)
-    print(f"answer loss on the training rows: base {before:.4f} -> adapter {after:.4f}")
-    assert after < before - 0.05, (before, after)
+    assert_answer_loss_dropped(base_model, peft_model, tokenizer, train_questions, "NeuroAda adapter")
 
 
 def test_merge_lora_writes_plain_checkpoint_with_adapter_logits(

@@ -29,13 +29,13 @@ from test_axolotl import (
     AXOLOTL_BIN,
     AXOLOTL_PYTHON,
     TRAIN_ROWS,
-    _answer_loss,
     _logged_losses,
     _model_with_state,
     _probe_ids,
     _run,
     _tail,
     _write_config,
+    assert_answer_loss_dropped,
     write_data_files,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -266,11 +266,7 @@ def test_neat_adapter_logits_equal_dense_reference_and_peanut(
     torch.testing.assert_close(got, peanut_logits, rtol=1e-9, atol=1e-9)
     assert (got - base_logits).abs().max() > 1e-2, "the trained update does not change the logits"
 
-    # Training lowered the answer loss it optimised (measured here, not read from axolotl's log).
-    before = _answer_loss(base_model, tokenizer, train_questions)
-    after = _answer_loss(peft_model, tokenizer, train_questions)
-    print(f"answer loss on the training rows: base {before:.4f} -> NEAT adapter {after:.4f}")
-    assert after < before - 0.05, (before, after)
+    assert_answer_loss_dropped(base_model, peft_model, tokenizer, train_questions, "NEAT adapter")
 
 
 def test_neat_merge_lora_writes_plain_checkpoint_with_adapter_logits(
